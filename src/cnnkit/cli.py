@@ -1,0 +1,166 @@
+"""The `cnnkit` command: builds a parser and calls the Python API, nothing more."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import warnings
+
+from . import __version__
+from .config import RECIPES, Config, make_config
+from .errors import CnnkitError
+
+
+def _config_flags(parser: argparse.ArgumentParser, skip=()) -> None:
+    """One flag per Config field. Defaults are None so only what the user typed overrides
+    the recipe; the help shows the dataclass default."""
+    for f in dataclasses.fields(Config):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{f.metadata['help']} (default: {f.default})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_)
+        else:
+            kind = {"int": int, "float": float, "int | None": int,
+                    "float | None": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=None, help=help_,
+                                metavar=f.name.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cnnkit", description="Train, evaluate and use CNN "
+                                "image classifiers with PyTorch.")
+    p.add_argument("--version", action="version", version=f"cnnkit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model; prints accuracy per epoch")
+    _config_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="train the default recipe and evaluate it (offline: digits)")
+    _config_flags(d)
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix")
+    e.add_argument("run", help="a run folder or checkpoint file")
+    e.add_argument("--data", help="data source to evaluate on (default: the run's own "
+                   "validation split)")
+    e.add_argument("--data-dir", help="download cache for --data")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="top classes with probabilities for image files")
+    pr.add_argument("run", help="a run folder or checkpoint file")
+    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--json", action="store_true", help="print JSON")
+    pr.set_defaults(func=cmd_predict)
+
+    sb = sub.add_parser("show-batch", help="save a grid of training images with class names")
+    sb.add_argument("--data", default="cifar10")
+    sb.add_argument("--data-dir")
+    sb.add_argument("--image-size", type=int)
+    sb.add_argument("--out", default="batch.png")
+    sb.add_argument("-n", type=int, default=64, help="how many images (default 64)")
+    sb.add_argument("--seed", type=int, default=0)
+    sb.set_defaults(func=cmd_show_batch)
+
+    m = sub.add_parser("models", help="list the registered models")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    r = sub.add_parser("recipes", help="list the named recipes and their settings")
+    r.set_defaults(func=cmd_recipes)
+    return p
+
+
+def _overrides(args) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+
+
+def cmd_train(args) -> int:
+    from .train import train
+    train(make_config(**_overrides(args)))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import demo
+    overrides = _overrides(args)
+    demo(overrides.pop("data") or "cifar10", **overrides)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, format_report
+    result = evaluate(args.run, args.data, device=args.device, batch_size=args.batch_size,
+                      data_dir=args.data_dir)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import format_predictions, predict
+    if args.top_k < 1:
+        raise CnnkitError(f"--top-k must be at least 1, got {args.top_k}")
+    results = predict(args.run, args.images, top_k=args.top_k, device=args.device)
+    for r in results:
+        if "error" in r:
+            print(f"cnnkit: error: {r['file']}: {r['error']}", file=sys.stderr)
+    out = json.dumps(results, indent=2) if args.json else format_predictions(results)
+    if out:
+        print(out)
+    return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_show_batch(args) -> int:
+    from .plots import show_batch
+    out = show_batch(args.data, args.out, n=args.n, seed=args.seed, data_dir=args.data_dir,
+                     image_size=args.image_size)
+    print(f"saved {out}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import list_models, model_entry
+    from .summary import model_stats
+    rows = [{"name": n, "description": model_entry(n).description, **model_stats(n)}
+            for n in list_models()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<14}{'parameters':>12}{'MFLOPs/img':>12}  description   "
+          "(at 3×32×32, 10 classes)")
+    for r in rows:
+        print(f"{r['name']:<14}{r['parameters']:>12,}{r['flops'] / 1e6:>12.1f}  "
+              f"{r['description']}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    for name, settings in RECIPES.items():
+        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    return 0
+
+
+def _warn_one_line(message, category, filename, lineno, file=None, line=None):
+    print(f"cnnkit: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _warn_one_line
+    try:
+        return args.func(args)
+    except CnnkitError as e:
+        print(f"cnnkit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cnnkit: interrupted", file=sys.stderr)
+        return 130

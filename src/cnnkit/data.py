@@ -1,0 +1,301 @@
+"""Every data source ends as uint8 image tensors (N, C, H, W), int64 labels and class names.
+
+Sources: torchvision downloads (cifar10, cifar100, mnist, fashion-mnist), local copies of
+the CIFAR python folders, a folder of images with one subfolder per class, and
+scikit-learn's bundled 8×8 digits (works offline). Everything is decoded once and held
+in memory, so training can index batches straight out of one tensor.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import CnnkitError, CnnkitWarning, DownloadError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tiff", ".tif")
+DOWNLOADABLE = ("cifar10", "cifar100", "mnist", "fashion-mnist")
+BUILTIN = DOWNLOADABLE + ("digits",)
+DEFAULT_FOLDER_SIZE = 32
+DEFAULT_VAL_FRACTION = 0.2
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index) -> "Split":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass
+class Dataset:
+    name: str           # short name, used to name runs
+    source: str         # what to pass to load_dataset to get this data again
+    classes: list[str]
+    train: Split
+    val: Split          # the official test split, or a held-out part of train
+    val_name: str       # "test" or "val"
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.train.images.shape[2:])
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("CNNKIT_DATA") or Path.home() / ".cache" / "cnnkit")
+
+
+def load_dataset(source: str, *, data_dir: str | None = None, image_size: int | None = None,
+                 val_fraction: float | None = None, seed: int = 0,
+                 strict: bool = False) -> Dataset:
+    """Load a data source by name or path; see the module docstring for what is accepted."""
+    key = source.lower()
+    if key in DOWNLOADABLE:
+        name, classes, train, test = _download(key, Path(data_dir) if data_dir else
+                                               default_data_dir())
+        src = key
+    elif key == "digits":
+        name, classes, train, test = ("digits", *_digits())
+        src = key
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise CnnkitError(f"data source {source!r} is neither a known data set "
+                              f"({', '.join(BUILTIN)}) nor an existing path")
+        if not path.is_dir():
+            raise CnnkitError(f"data source {source!r} is a file; pass a folder (an image "
+                              "folder with one subfolder per class, or a CIFAR python folder)")
+        path = _find_cifar_folder(path) or path
+        src = str(path.resolve())
+        name = path.name
+        if (path / "data_batch_1").exists():
+            classes, train, test = _local_cifar10(path)
+        elif (path / "train").is_file() and (path / "meta").is_file():
+            classes, train, test = _local_cifar100(path)
+        else:
+            classes, train = _image_folder(path, image_size or DEFAULT_FOLDER_SIZE, strict)
+            test = None
+    if image_size is not None:
+        train = Split(resize_images(train.images, image_size), train.labels)
+        if test is not None:
+            test = Split(resize_images(test.images, image_size), test.labels)
+    if test is not None and val_fraction is None:
+        return Dataset(name, src, classes, train, test, "test")
+    train_idx, val_idx = stratified_split(train.labels, val_fraction or DEFAULT_VAL_FRACTION,
+                                          seed)
+    return Dataset(name, src, classes, train.subset(train_idx), train.subset(val_idx), "val")
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
+    """Indices (train, val): `fraction` of each class held out, the same for the same seed."""
+    from sklearn.model_selection import train_test_split
+
+    y = labels.numpy()
+    index = np.arange(len(y))
+    counts = np.bincount(y)
+    # sklearn can only stratify when every class has two members and val can hold each class.
+    stratify = y if counts[counts > 0].min() >= 2 and len(y) * fraction >= (counts > 0).sum() \
+        else None
+    try:
+        train_idx, val_idx = train_test_split(index, test_size=fraction, random_state=seed,
+                                              stratify=stratify)
+    except ValueError as e:
+        raise CnnkitError(f"cannot hold out {fraction:g} of {len(y)} images for "
+                          f"validation: {e}") from None
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a uint8 batch to size×size (antialiased), keeping uint8."""
+    if tuple(images.shape[2:]) == (size, size):
+        return images
+    out = []
+    for chunk in images.split(4096):  # bounded float memory for large data sets
+        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear",
+                          antialias=True, align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+# --- single images ------------------------------------------------------------------
+
+def read_image(path: str | Path, size: int | tuple[int, int] | None, channels: int = 3
+               ) -> torch.Tensor:
+    """Decode one image file of any format and mode into uint8 (C, H, W).
+
+    EXIF rotation is applied, the first frame of an animation is used, and the image is
+    resized so its shorter side fits and then centre-cropped to `size` (the same
+    treatment at training and at prediction). Raises OSError/ValueError for files
+    that are not readable images.
+    """
+    with Image.open(path) as im:
+        im.seek(0)
+        im = ImageOps.exif_transpose(im)
+        return image_to_tensor(im, size, channels)
+
+
+def image_to_tensor(im: Image.Image, size, channels: int = 3) -> torch.Tensor:
+    if im.mode in ("P", "PA") or "A" in im.getbands():
+        # Composite transparency onto white rather than letting it turn black.
+        rgba = im.convert("RGBA")
+        im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im.alpha_composite(rgba)
+    im = im.convert("L" if channels == 1 else "RGB")
+    if size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        target = (size[1], size[0])  # PIL sizes are (width, height)
+        if im.size != target:
+            im = ImageOps.fit(im, target, method=Image.Resampling.BILINEAR)
+    arr = np.asarray(im, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+# --- image folders --------------------------------------------------------------------
+
+def _image_folder(root: Path, size: int, strict: bool):
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise CnnkitError(f"image folder {root} has no class subfolders; expected "
+                          f"{root}/<class name>/<image files>")
+    files, labels, empty = [], [], []
+    for label, d in enumerate(class_dirs):
+        found = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                       and not p.name.startswith("."))
+        if not found:
+            empty.append(d.name)
+        files += found
+        labels += [label] * len(found)
+    if empty:
+        raise CnnkitError(f"class folder(s) with no images in {root}: {', '.join(empty)} "
+                          f"(image types: {' '.join(IMAGE_EXTENSIONS)})")
+
+    def decode(path):
+        try:
+            if path.is_dir():
+                raise IsADirectoryError("a directory, not an image")
+            return read_image(path, size)
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+            return f"{path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        decoded = list(pool.map(decode, files))
+    bad = [d for d in decoded if isinstance(d, str)]
+    if bad:
+        if strict:
+            raise CnnkitError(f"{len(bad)} unreadable image(s) with --strict: {'; '.join(bad)}")
+        warnings.warn(f"skipped {len(bad)} unreadable image(s): {'; '.join(bad)}",
+                      CnnkitWarning, stacklevel=3)
+    keep = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+    if not keep:
+        raise CnnkitError(f"no readable images in {root}")
+    images = torch.stack([decoded[i] for i in keep])
+    targets = torch.tensor([labels[i] for i in keep], dtype=torch.long)
+    return [d.name for d in class_dirs], Split(images, targets)
+
+
+# --- local CIFAR copies ---------------------------------------------------------------
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; allow only what they hold (dicts, lists, numpy arrays),
+    so a hostile file cannot run code while being read."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("_codecs", "encode")}  # protocol-2 pickles store bytes via _codecs.encode
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _ArrayUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise CnnkitError(f"{path} is not a readable CIFAR batch: {e}") from None
+
+
+def _cifar_split(batches: list[dict], label_key: str) -> Split:
+    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+    labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return Split(images, torch.from_numpy(labels))
+
+
+def _local_cifar10(path: Path):
+    meta = _read_batch(path / "batches.meta")
+    files = sorted(path.glob("data_batch_*"))
+    train = _cifar_split([_read_batch(f) for f in files], "labels")
+    test_file = path / "test_batch"
+    test = _cifar_split([_read_batch(test_file)], "labels") if test_file.exists() else None
+    return list(meta["label_names"]), train, test
+
+
+def _local_cifar100(path: Path):
+    meta = _read_batch(path / "meta")
+    train = _cifar_split([_read_batch(path / "train")], "fine_labels")
+    test = _cifar_split([_read_batch(path / "test")], "fine_labels") \
+        if (path / "test").is_file() else None
+    return list(meta["fine_label_names"]), train, test
+
+
+def _find_cifar_folder(path: Path) -> Path | None:
+    for name in ("cifar-10-batches-py", "cifar-100-python"):
+        if (path / name).is_dir():
+            return path / name
+    return None
+
+
+# --- downloads --------------------------------------------------------------------------
+
+def _download(name: str, root: Path):
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100,
+           "mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[name]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        train = cls(str(root), train=True, download=True)
+        test = cls(str(root), train=False, download=True)
+    except (OSError, RuntimeError) as e:  # URLError and socket errors are OSErrors
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DownloadError(f"could not download {name} into {root} ({reason}); with no "
+                            f"network, --data PATH takes a local copy") from None
+
+    def split(ds) -> Split:
+        data = torch.as_tensor(np.asarray(ds.data), dtype=torch.uint8)
+        data = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
+        return Split(data.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long))
+
+    return name, list(train.classes), split(train), split(test)
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
+    return [str(c) for c in d.target_names], Split(images, torch.from_numpy(d.target)), None

@@ -1,0 +1,106 @@
+"""Train one epoch and evaluate, over data held as uint8 tensors on the training device.
+
+Batches are indexed straight out of the tensor in a seeded order and augmented as whole
+batches: no DataLoader, no per-image Python in the loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import Split
+from .device import Runtime
+from .metrics import accuracy, confusion_matrix
+from .transforms import Augment, to_input
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+
+
+def batch_order(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A fresh shuffled order split into batches. A trailing batch of one image is dropped:
+    BatchNorm cannot normalize a single sample."""
+    order = torch.randperm(n, generator=generator)
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches.pop()
+    return batches
+
+
+def train_one_epoch(model: nn.Module, data: Split, *, optimizer: torch.optim.Optimizer,
+                    scheduler, batch_size: int, epoch: int, generator: torch.Generator,
+                    augment: Augment, mean, std, runtime: Runtime, label_smoothing: float = 0.0,
+                    seed: int = 0, progress: bool = False) -> EpochStats:
+    model.train()
+    device = runtime.device
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    batches = batch_order(len(data), batch_size, generator)
+    for step, index in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False,
+                                      disable=not progress, unit="batch")):
+        index = index.to(device, non_blocking=True)
+        x = to_input(data.images[index], mean, std)
+        if augment.active:
+            x = augment(x, index, epoch, generator_for(generator, device), seed)
+        x = x.contiguous(memory_format=runtime.memory_format)
+        y = data.labels[index]
+        with torch.autocast(device.type, dtype=runtime.dtype, enabled=runtime.autocast):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.detach() * len(index)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(index)
+    return EpochStats(float(total_loss) / max(seen, 1), float(correct) / max(seen, 1))
+
+
+def generator_for(cpu_generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """Augmentation randomness on the batch's device, derived from the epoch's CPU stream."""
+    if device.type == "cpu":
+        return cpu_generator
+    g = torch.Generator(device=device)
+    g.manual_seed(int(torch.randint(2**62, (1,), generator=cpu_generator)))
+    return g
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    confusion: torch.Tensor   # (K, K): true class × predicted class
+    probs: torch.Tensor       # (N, K) softmax probabilities, on the CPU
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: Split, *, mean, std, runtime: Runtime, num_classes: int,
+             batch_size: int = 500) -> EvalResult:
+    model.eval()
+    probs, total_loss = [], 0.0
+    for start in range(0, len(data), batch_size):
+        x = to_input(data.images[start:start + batch_size].to(runtime.device), mean, std,
+                     memory_format=runtime.memory_format)
+        y = data.labels[start:start + batch_size].to(runtime.device)
+        with torch.autocast(runtime.device.type, dtype=runtime.dtype, enabled=runtime.autocast):
+            logits = model(x).float()
+        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        probs.append(logits.softmax(1).cpu())
+    probs = torch.cat(probs) if probs else torch.zeros(0, num_classes)
+    confusion = confusion_matrix(probs.argmax(1), data.labels.cpu(), num_classes)
+    return EvalResult(total_loss / max(len(data), 1), accuracy(confusion), confusion, probs)

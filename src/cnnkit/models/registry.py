@@ -1,0 +1,51 @@
+"""Models are registered by name and built with `create_model`, as in timm.
+
+Every model takes (N, in_channels, H, W) floats and returns (N, num_classes) logits, and
+splits `forward_features` (the convolutional body) from `forward_head` (the classifier).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+
+from ..errors import CnnkitError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    build: Callable[..., nn.Module]
+    description: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, description: str = ""):
+    """Decorator: register a builder `fn(num_classes, in_channels, image_size, **kw)`."""
+    def wrap(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} is already registered")
+        _REGISTRY[name] = ModelEntry(name, fn, description or (fn.__doc__ or "").strip())
+        return fn
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def model_entry(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        raise CnnkitError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3,
+                 image_size: int | tuple[int, int] = 32, **kwargs) -> nn.Module:
+    """Build a registered model for images of `in_channels` × `image_size`."""
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return model_entry(name).build(num_classes=num_classes, in_channels=in_channels,
+                                   image_size=size, **kwargs)

@@ -1,0 +1,131 @@
+"""The command line: one end-to-end run in a real subprocess, and every error as one line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from cnnkit.cli import main
+
+
+def _cnnkit(*args, cwd=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "cnnkit", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_end_to_end_cli(tmp_path, png_sample):
+    run = tmp_path / "run"
+    p = _cnnkit("train", "--data", png_sample, "--model", "seed-simple", "--epochs", "2",
+                "--batch-size", "16", "--out", run)
+    assert p.returncode == 0, p.stderr
+    epoch_lines = [l for l in p.stdout.splitlines() if l.startswith("epoch")]
+    assert len(epoch_lines) == 2 and "val acc" in epoch_lines[0]
+    assert {"config.json", "metrics.csv", "last.pt", "best.pt"} <= set(os.listdir(run))
+
+    p = _cnnkit("eval", run, "--json")
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout)
+    assert result["num_images"] == 40 and len(result["confusion_matrix"]) == 10
+
+    img = sorted(png_sample.rglob("*.png"))[0]
+    p = _cnnkit("predict", run, img, "--json", "--top-k", "2")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out[0]["file"] == str(img) and len(out[0]["predictions"]) == 2
+    assert set(out[0]["predictions"][0]) == {"class", "probability"}
+
+    p = _cnnkit("predict", run, img, tmp_path / "nope.png")
+    assert p.returncode != 0
+    assert p.stderr.strip() == f"cnnkit: error: {tmp_path / 'nope.png'}: no such file"
+    assert p.stdout.startswith(f"{img}: ")
+
+    p = _cnnkit("show-batch", "--data", png_sample, "--out", tmp_path / "grid.png")
+    assert p.returncode == 0, p.stderr
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.size[0] > 400 and im.size[1] > 400
+
+    p = _cnnkit("models")
+    assert p.returncode == 0 and "seed-cnn" in p.stdout and "4,210,090" in p.stdout
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, png_sample):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_images = tmp_path / "noimg"
+    (no_images / "a").mkdir(parents=True)
+    (no_images / "b").mkdir()
+    Image.new("RGB", (8, 8)).save(no_images / "a" / "x.png")
+    corrupt = tmp_path / "corrupt"
+    (corrupt / "a").mkdir(parents=True)
+    (corrupt / "b").mkdir()
+    Image.new("RGB", (8, 8)).save(corrupt / "a" / "x.png")
+    Image.new("RGB", (8, 8)).save(corrupt / "b" / "y.png")
+    (corrupt / "b" / "bad.png").write_bytes(b"garbage")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    notckpt = tmp_path / "x.pt"
+    notckpt.write_bytes(b"not a checkpoint")
+    return dict(empty=empty, no_images=no_images, corrupt=corrupt, taken=taken,
+                notckpt=notckpt, tmp=tmp_path)
+
+
+CASES = {
+    "unknown model": (["train", "--data", "digits", "--model", "nope"], "seed-cnn"),
+    "unknown recipe": (["train", "--data", "digits", "--recipe", "nope"], "tutorial"),
+    "unknown data": (["train", "--data", "imagenet-42"], "cifar10"),
+    "empty folder": (["train", "--data", "{empty}"], "no class subfolders"),
+    "class without images": (["train", "--data", "{no_images}"], "no images"),
+    "strict corrupt": (["train", "--data", "{corrupt}", "--strict"], "bad.png"),
+    "out exists": (["train", "--data", "digits", "--out", "{taken}"], "never overwrites"),
+    "offline download": (["train", "--data", "mnist", "--data-dir", "{tmp}/cache"],
+                         "--data PATH"),
+    "bad val fraction": (["train", "--data", "digits", "--val-fraction", "1.5"],
+                         "between 0 and 1"),
+    "no gpu": (["train", "--data", "digits", "--device", "cuda"], "no CUDA"),
+    "eval no run": (["eval", "{tmp}/nothing"], "no checkpoint"),
+    "eval not a checkpoint": (["eval", "{notckpt}"], "not a readable checkpoint"),
+    "predict no run": (["predict", "{tmp}/nothing", "x.png"], "no checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_errors_are_one_clear_line(case, bad_inputs, capsys, monkeypatch):
+    if case == "no gpu" and torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv, expect = CASES[case]
+    argv = [a.format(**bad_inputs) for a in argv]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnnkit: error: "), err
+    assert expect in lines[0]
+    assert (bad_inputs["taken"] / "keep.txt").read_text() == "mine"
+
+
+def test_error_in_a_real_process_has_no_traceback():
+    p = _cnnkit("train", "--data", "digits", "--model", "nope")
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_bad_flag_is_a_usage_error():
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--epochs", "many"])
+    assert e.value.code == 2
+
+
+def test_demo_falls_back_to_digits_offline(tmp_path, capsys):
+    code = main(["demo", "--data", "cifar10", "--data-dir", str(tmp_path / "cache"),
+                 "--epochs", "1", "--out", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "could not download cifar10" in out and "digits instead" in out
+    assert "data: digits" in out and "confusion matrix" in out
+    assert json.loads((tmp_path / "demo" / "config.json").read_text())["data"] == "digits"
