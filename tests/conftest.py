@@ -32,8 +32,8 @@ def png_run(tmp_path_factory, png_sample):
     """A small model trained for two epochs on the PNG sample, shared by several tests."""
     import cnnkit
     out = tmp_path_factory.mktemp("runs") / "png-run"
-    return cnnkit.train(data=str(png_sample), model="seed-simple", epochs=2, batch_size=32,
-                        lr=0.01, out=str(out), seed=0, log=lambda s: None)
+    return cnnkit.train(data=str(png_sample), recipe="tutorial", model="seed-simple", epochs=2,
+                        batch_size=32, lr=0.01, out=str(out), seed=0, log=lambda s: None)
 
 
 @pytest.fixture(autouse=True)

@@ -19,8 +19,8 @@ def _cnnkit(*args, cwd=None):
 
 def test_end_to_end_cli(tmp_path, png_sample):
     run = tmp_path / "run"
-    p = _cnnkit("train", "--data", png_sample, "--model", "seed-simple", "--epochs", "2",
-                "--batch-size", "16", "--out", run)
+    p = _cnnkit("train", "--data", png_sample, "--recipe", "tutorial", "--model", "seed-simple",
+                "--epochs", "2", "--batch-size", "16", "--out", run)
     assert p.returncode == 0, p.stderr
     epoch_lines = [l for l in p.stdout.splitlines() if l.startswith("epoch")]
     assert len(epoch_lines) == 2 and "val acc" in epoch_lines[0]

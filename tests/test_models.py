@@ -70,3 +70,41 @@ def test_registry_refuses_duplicates_and_names_choices():
     with pytest.raises(CnnkitError, match="seed-cnn") as e:
         cnnkit.create_model("no-such-net")
     assert "seed-simple" in str(e.value)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_takes_8x8_digits(name):
+    model = cnnkit.create_model(name, num_classes=10, in_channels=1, image_size=8)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_fastnet_whitening_conv_whitens_patches():
+    torch.manual_seed(0)
+    # correlated channels and neighbouring pixels: far from white
+    base = torch.randn(64, 1, 17, 17)
+    images = torch.cat([base, 0.5 * base + 0.1 * torch.randn_like(base),
+                        base.roll(1, 3) + 0.1 * torch.randn_like(base)], 1)
+    model = cnnkit.create_model("fastnet", widths=(8, 8, 8), image_size=17)
+    model.init_from_data(images, eps=0.0)
+    half = model.whiten.weight.shape[0] // 2
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(images, model.whiten.weight[:half])
+    flat = out.permute(0, 2, 3, 1).reshape(-1, half)
+    cov = torch.cov(flat.T)
+    assert torch.allclose(cov, torch.eye(half), atol=0.05)
+    assert torch.equal(model.whiten.weight[half:], -model.whiten.weight[:half])
+    assert not model.whiten.weight.requires_grad
+
+
+def test_width_flag_reaches_the_model():
+    model = cnnkit.create_model("fastnet", widths=(16, 32, 48))
+    assert model.fc.in_features == 48
+    with pytest.raises(CnnkitError, match="resnet9 takes 4"):
+        cnnkit.create_model("resnet9", widths=(16, 32))
+
+
+def test_model_sizes_are_the_known_architectures():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # CIFAR ResNet-18 has 11.17M parameters; the DAWNBench ResNet-9 6.57M
+    assert abs(count(cnnkit.create_model("resnet18")) - 11_173_962) == 0
+    assert abs(count(cnnkit.create_model("resnet9")) - 6_573_120) < 10_000

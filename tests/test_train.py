@@ -92,7 +92,7 @@ def test_default_run_folders_are_numbered(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a = cnnkit.train(data="digits", epochs=1, log=lambda s: None)
     b = cnnkit.train(data="digits", epochs=1, log=lambda s: None)
-    assert a.run_dir.name == "digits-seed-cnn" and b.run_dir.name == "digits-seed-cnn-2"
+    assert a.run_dir.name == "digits-fastnet" and b.run_dir.name == "digits-fastnet-2"
 
 
 def test_evaluate_matches_training_and_counts(png_run):

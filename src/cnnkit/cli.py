@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", help="download cache for --data")
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--tta", type=int, choices=[0, 1, 2],
+                   help="test-time augmentation level (default: the run's)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_eval)
 
@@ -100,7 +102,7 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate, format_report
     result = evaluate(args.run, args.data, device=args.device, batch_size=args.batch_size,
-                      data_dir=args.data_dir)
+                      data_dir=args.data_dir, tta=args.tta)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
 

@@ -29,33 +29,52 @@ class Config:
                                     "(default: the test split if there is one, else 0.2)")
     strict: bool = _f(False, "unreadable images in a folder are an error, not a warning")
     # --- the model --------------------------------------------------------------
-    model: str = _f("seed-cnn", "model name (see `cnnkit models`)")
+    model: str = _f("fastnet", "model name (see `cnnkit models`)")
+    width: str | None = _f(None, "layer widths, comma-separated (fastnet: 3 block widths, "
+                           "resnet9: 4, resnet18: 1 base width); default: the model's own")
     # --- optimisation -----------------------------------------------------------
-    epochs: int = _f(10, "passes over the training set")
-    batch_size: int = _f(32, "images per optimizer step")
+    epochs: int | None = _f(None, "passes over the training set (default: the recipe's, "
+                            "scaled to the data set's size)")
+    time_budget: float | None = _f(None, "fit the schedule to this many seconds of training, "
+                                   "planned from a measured step time")
+    batch_size: int | None = _f(None, "images per optimizer step (default: the recipe's; "
+                                "fast: 128 on the CPU, measured fastest per image there, "
+                                "1024 on a GPU)")
     optimizer: str = _f("sgd", "sgd or adamw", choices=["sgd", "adamw"])
-    lr: float = _f(0.001, "peak learning rate")
-    momentum: float = _f(0.9, "SGD momentum")
-    nesterov: bool = _f(False, "use Nesterov momentum with SGD")
-    weight_decay: float = _f(0.0, "L2 weight decay")
-    schedule: str = _f("constant", "lr schedule, stepped per batch: constant, onecycle, "
-                       "linear (warm-up then linear decay)",
+    lr: float | None = _f(None, "peak learning rate of the mean batch loss (default: SGD "
+                          "0.2 × batch/128, AdamW 0.002)")
+    momentum: float = _f(0.85, "SGD momentum")
+    nesterov: bool = _f(True, "use Nesterov momentum with SGD")
+    weight_decay: float = _f(1.3e-3, "weight decay of conv and linear weights (not biases, "
+                             "not norms)")
+    norm_bias_lr_mult: float = _f(64.0, "lr multiplier for BatchNorm biases")
+    whiten_bias_epochs: int = _f(3, "epochs during which the whitening conv's bias trains "
+                                 "(fastnet), then it is frozen")
+    schedule: str = _f("linear", "lr schedule, stepped per batch: constant, onecycle "
+                       "(warm-up, cosine to 0), linear (warm-up, linear decay to --lr-floor)",
                        choices=["constant", "onecycle", "linear"])
-    warmup: float = _f(0.0, "fraction of steps spent warming up (onecycle, linear)")
-    label_smoothing: float = _f(0.0, "cross-entropy label smoothing")
+    warmup: float = _f(0.23, "fraction of steps spent warming up (onecycle, linear)")
+    lr_floor: float = _f(0.07, "final lr of the linear schedule, as a fraction of the peak")
+    label_smoothing: float = _f(0.2, "cross-entropy label smoothing")
+    ema: float = _f(0.0, "decay of an exponential moving average of the weights, updated "
+                    "every 5 steps and used for evaluation (0: off)")
     # --- input pipeline ---------------------------------------------------------
-    normalize: bool = _f(False, "subtract the training set's per-channel mean and divide by "
+    normalize: bool = _f(True, "subtract the training set's per-channel mean and divide by "
                          "its std (off: pixels scaled to [0, 1] only)")
-    flip: str = _f("none", "horizontal flip augmentation: none, random, alternate",
+    flip: str = _f("alternate", "horizontal flip augmentation: none, random, alternate "
+                   "(each image flipped every other epoch)",
                    choices=["none", "random", "alternate"])
-    translate: int = _f(0, "random translation by up to PX pixels (reflect padding)")
+    translate: int = _f(2, "random translation by up to PX pixels (reflect padding)")
     cutout: int = _f(0, "cut out a random PX×PX square from each image (0: off)")
+    tta: int = _f(2, "test-time augmentation when evaluating: 0 none, 1 flip, "
+                  "2 flip and 1-pixel translations", choices=[0, 1, 2])
+    compile: bool = _f(False, "torch.compile the model (CUDA)")
     # --- bookkeeping ------------------------------------------------------------
     seed: int = _f(0, "random seed; on the CPU the same seed gives the same run")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N")
     eval_batch_size: int = _f(500, "images per batch when evaluating")
     out: str | None = _f(None, "run folder (default runs/<data>-<model>[-N]); never overwritten")
-    recipe: str = _f("tutorial", "named set of defaults (see `cnnkit recipes`)")
+    recipe: str = _f("fast", "named set of defaults (see `cnnkit recipes`)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,10 +90,33 @@ RECIPES: dict[str, dict[str, Any]] = {
     "tutorial": dict(model="seed-cnn", epochs=10, batch_size=32, optimizer="sgd", lr=0.001,
                      momentum=0.9, nesterov=False, weight_decay=0.0, schedule="constant",
                      warmup=0.0, label_smoothing=0.0, normalize=False, flip="none",
-                     translate=0, cutout=0),
+                     translate=0, cutout=0, tta=0, ema=0.0, norm_bias_lr_mult=1.0),
+    # The default: the best accuracy per second of training found by benchmarks/frontier.py
+    # on this class of 2-core CPU (see benchmarks/RESULTS.md). Epochs scale with the data.
+    "fast": dict(),
 }
 
-DEFAULT_RECIPE = "tutorial"
+DEFAULT_RECIPE = "fast"
+
+
+def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str) -> Config:
+    """Settings a recipe leaves to the data and the machine, filled in where the user gave
+    none: the number of epochs grows as the data set shrinks (each pass holds fewer steps),
+    and fastnet is narrower on the CPU, where compute, not memory traffic, is the limit."""
+    changes = {}
+    if cfg.epochs is None:
+        if cfg.recipe == "fast":
+            changes["epochs"] = int(round(min(40, max(10, 20 * (4000 / max(num_train, 1)) ** 0.4))))
+        else:
+            changes["epochs"] = 10
+    if cfg.batch_size is None:
+        changes["batch_size"] = 1024 if device_type == "cuda" and cfg.recipe == "fast" else 128
+    if cfg.lr is None:
+        batch = changes.get("batch_size", cfg.batch_size)
+        changes["lr"] = 0.002 if cfg.optimizer == "adamw" else 0.2 * batch / 128
+    if cfg.width is None and cfg.model == "fastnet":
+        changes["width"] = "64,256,256" if device_type == "cuda" else "32,128,128"
+    return dataclasses.replace(cfg, **changes)
 
 
 def field_names() -> list[str]:
@@ -99,13 +141,17 @@ def make_config(recipe: str | None = None, **overrides: Any) -> Config:
 
 def validate(cfg: Config) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise CnnkitError(f"--{name.replace('_', '-')} must be at least 1, "
                               f"got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
+    if cfg.lr is not None and cfg.lr <= 0:
         raise CnnkitError(f"--lr must be positive, got {cfg.lr}")
     if cfg.val_fraction is not None and not 0 < cfg.val_fraction < 1:
         raise CnnkitError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
+    if cfg.time_budget is not None and cfg.time_budget <= 0:
+        raise CnnkitError(f"--time-budget must be positive seconds, got {cfg.time_budget}")
+    if cfg.width is not None:
+        parse_widths(cfg.width)
     if cfg.image_size is not None and cfg.image_size < 1:
         raise CnnkitError(f"--image-size must be positive, got {cfg.image_size}")
     for f in dataclasses.fields(Config):
@@ -113,3 +159,16 @@ def validate(cfg: Config) -> None:
         if choices and getattr(cfg, f.name) not in choices:
             raise CnnkitError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r} is not "
                               f"valid; choose one of: {', '.join(choices)}")
+
+
+def parse_widths(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        widths = tuple(int(w) for w in str(text).split(","))
+    except ValueError:
+        raise CnnkitError(f"--width takes comma-separated integers like 64,256,256; "
+                          f"got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise CnnkitError(f"--width values must be positive, got {text!r}")
+    return widths

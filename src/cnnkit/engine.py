@@ -41,13 +41,16 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator) -> list[tor
 def train_one_epoch(model: nn.Module, data: Split, *, optimizer: torch.optim.Optimizer,
                     scheduler, batch_size: int, epoch: int, generator: torch.Generator,
                     augment: Augment, mean, std, runtime: Runtime, label_smoothing: float = 0.0,
-                    seed: int = 0, progress: bool = False) -> EpochStats:
+                    seed: int = 0, progress: bool = False, ema=None, ema_every: int = 5,
+                    max_batches: int | None = None) -> EpochStats:
+    """One pass over `data` in a fresh seeded order (or its first `max_batches` batches,
+    when a time budget ends the run mid-epoch)."""
     model.train()
     device = runtime.device
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    batches = batch_order(len(data), batch_size, generator)
+    batches = batch_order(len(data), batch_size, generator)[:max_batches]
     for step, index in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False,
                                       disable=not progress, unit="batch")):
         index = index.to(device, non_blocking=True)
@@ -65,6 +68,8 @@ def train_one_epoch(model: nn.Module, data: Split, *, optimizer: torch.optim.Opt
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None and step % ema_every == ema_every - 1:
+            ema.update_parameters(model)
         total_loss += loss.detach() * len(index)
         correct += (logits.argmax(1) == y).sum()
         seen += len(index)
@@ -88,9 +93,24 @@ class EvalResult:
     probs: torch.Tensor       # (N, K) softmax probabilities, on the CPU
 
 
+def tta_logits(model: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
+    """Test-time augmentation: 0 none, 1 average with the mirror image, 2 also with
+    1-pixel translations (up-left and down-right) of both."""
+    if level == 0:
+        return model(x)
+    logits = 0.5 * (model(x) + model(x.flip(3)))
+    if level == 1:
+        return logits
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    h, w = x.shape[2:]
+    shifted = [padded[:, :, :h, :w], padded[:, :, 2:, 2:]]
+    moved = sum(0.5 * (model(s) + model(s.flip(3))) for s in shifted) / len(shifted)
+    return 0.5 * logits + 0.5 * moved
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: Split, *, mean, std, runtime: Runtime, num_classes: int,
-             batch_size: int = 500) -> EvalResult:
+             batch_size: int = 500, tta: int = 0) -> EvalResult:
     model.eval()
     probs, total_loss = [], 0.0
     for start in range(0, len(data), batch_size):
@@ -98,7 +118,7 @@ def evaluate(model: nn.Module, data: Split, *, mean, std, runtime: Runtime, num_
                      memory_format=runtime.memory_format)
         y = data.labels[start:start + batch_size].to(runtime.device)
         with torch.autocast(runtime.device.type, dtype=runtime.dtype, enabled=runtime.autocast):
-            logits = model(x).float()
+            logits = tta_logits(model, x, tta).float()
         total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
         probs.append(logits.softmax(1).cpu())
     probs = torch.cat(probs) if probs else torch.zeros(0, num_classes)

@@ -12,11 +12,12 @@ from .metrics import per_class_accuracy
 
 
 def evaluate(run, data: str | None = None, *, device: str = "auto", batch_size: int = 500,
-             data_dir: str | None = None) -> dict:
+             data_dir: str | None = None, tta: int | None = None) -> dict:
     """Evaluate a run folder or checkpoint.
 
     Without `data`, on the run's own validation (or test) split, rebuilt from its config.
     With `data`, on that source's test split, or on all of its images if it has none.
+    `tta` defaults to the level the run was evaluated with during training.
     """
     runtime = select_runtime(device)
     lm = run if isinstance(run, LoadedModel) else load(run, runtime.device)
@@ -38,7 +39,8 @@ def evaluate(run, data: str | None = None, *, device: str = "auto", batch_size: 
     _check_compatible(lm, ds.classes, ds.in_channels)
     split = Split(split.images.to(runtime.device), split.labels.to(runtime.device))
     ev = run_eval(lm.model, split, mean=lm.mean, std=lm.std, runtime=runtime,
-                  num_classes=len(lm.classes), batch_size=batch_size)
+                  num_classes=len(lm.classes), batch_size=batch_size,
+                  tta=lm.config.get("tta", 0) if tta is None else tta)
     per_class = per_class_accuracy(ev.confusion)
     return {"data": ds.source, "split": split_name, "num_images": len(split),
             "accuracy": ev.accuracy, "loss": ev.loss, "classes": lm.classes,
