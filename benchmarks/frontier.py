@@ -59,9 +59,8 @@ def main():
         acc = statistics.mean(r["val_acc"] for r in rs)
         sec = statistics.mean(r["train_seconds"] for r in rs)
         summary.append((label, acc, sec))
-        print(f"| {label} | {acc * 100:.1f}% | "
-              f"{' / '.join(f'{r['val_acc'] * 100:.1f}' for r in rs)} | {sec:.1f} | "
-              f"{rs[0]['epochs']} |")
+        per_seed = " / ".join(f"{r['val_acc'] * 100:.1f}" for r in rs)
+        print(f"| {label} | {acc * 100:.1f}% | {per_seed} | {sec:.1f} | {rs[0]['epochs']} |")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:

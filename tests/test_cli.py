@@ -1,4 +1,5 @@
 """The command line: one end-to-end run in a real subprocess, and every error as one line."""
+import importlib
 import json
 import os
 import subprocess
@@ -78,7 +79,7 @@ def bad_inputs(tmp_path, png_sample):
 CASES = {
     "unknown model": (["train", "--data", "digits", "--model", "nope"], "seed-cnn"),
     "unknown recipe": (["train", "--data", "digits", "--recipe", "nope"], "tutorial"),
-    "unknown data": (["train", "--data", "imagenet-42"], "cifar10"),
+    "unknown data": (["train", "--data", "./no/such/folder"], "cifar10"),
     "empty folder": (["train", "--data", "{empty}"], "no class subfolders"),
     "class without images": (["train", "--data", "{no_images}"], "no images"),
     "strict corrupt": (["train", "--data", "{corrupt}", "--strict"], "bad.png"),
@@ -92,6 +93,36 @@ CASES = {
     "eval not a checkpoint": (["eval", "{notckpt}"], "not a readable checkpoint"),
     "predict no run": (["predict", "{tmp}/nothing", "x.png"], "no checkpoint"),
 }
+
+
+SETTINGS = {
+    "model typo": (["--model", "resnt9"], "did you mean resnet9?"),
+    "recipe typo": (["--recipe", "fats"], "did you mean fast?"),
+    "optimizer typo": (["--optimizer", "adamv"], "did you mean adamw?"),
+    "data typo": (["--data", "cifar11"], "did you mean cifar10?"),
+    "zero epochs": (["--epochs", "0"], "--epochs must be at least 1"),
+    "negative lr": (["--lr", "-1"], "--lr must be positive"),
+    "zero batch": (["--batch-size", "0"], "--batch-size must be at least 1"),
+    "val fraction 1": (["--val-fraction", "1"], "between 0 and 1"),
+    "val fraction 0": (["--val-fraction", "0"], "between 0 and 1"),
+    "image too small": (["--model", "seed-simple", "--image-size", "2"], "at least 4×4"),
+    "missing weights": (["--weights", "nope.pt"], "no such file"),
+    "width on a seed model": (["--model", "seed-cnn", "--width", "8"], "does not apply"),
+}
+
+
+@pytest.mark.parametrize("case", list(SETTINGS))
+def test_bad_settings_fail_with_status_2_before_data_loads(case, capsys, monkeypatch):
+    train_module = importlib.import_module("cnnkit.train")
+
+    def no_loading(*a, **k):
+        raise AssertionError("data was loaded before the settings were checked")
+    monkeypatch.setattr(train_module, "load_dataset", no_loading)
+    flags, expect = SETTINGS[case]
+    argv = ["train"] + (["--data", "digits"] if "--data" not in flags else []) + flags
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expect in err[0], err
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -111,7 +142,7 @@ def test_errors_are_one_clear_line(case, bad_inputs, capsys, monkeypatch):
 
 def test_error_in_a_real_process_has_no_traceback():
     p = _cnnkit("train", "--data", "digits", "--model", "nope")
-    assert p.returncode == 1
+    assert p.returncode == 2
     assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 import warnings
 
 from . import __version__
 from .config import RECIPES, Config, make_config
-from .errors import CnnkitError
+from .errors import CnnkitError, Interrupted
 
 
 def _config_flags(parser: argparse.ArgumentParser, skip=()) -> None:
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model; prints accuracy per epoch")
+    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
+                   "completed epoch, with its own settings")
     _config_flags(t)
     t.set_defaults(func=cmd_train)
 
@@ -79,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list the named recipes and their settings")
     r.set_defaults(func=cmd_recipes)
+
+    x = sub.add_parser("export", help="write a run's weights in another format")
+    x.add_argument("run", help="a run folder or checkpoint file")
+    x.add_argument("--format", default="safetensors", choices=["safetensors"])
+    x.add_argument("--out", required=True, help="the file to write (never overwritten)")
+    x.set_defaults(func=cmd_export)
     return p
 
 
@@ -88,7 +98,10 @@ def _overrides(args) -> dict:
 
 def cmd_train(args) -> int:
     from .train import train
-    train(make_config(**_overrides(args)))
+    if args.resume:
+        train(resume=args.resume, **_overrides(args))
+    else:
+        train(make_config(**_overrides(args)))
     return 0
 
 
@@ -145,6 +158,12 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+    print(f"saved {export(args.run, args.out, fmt=args.format)}")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     for name, settings in RECIPES.items():
         print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
@@ -155,14 +174,33 @@ def _warn_one_line(message, category, filename, lineno, file=None, line=None):
     print(f"cnnkit: warning: {message}", file=sys.stderr)
 
 
+class _Signals:
+    """SIGTERM is turned into KeyboardInterrupt, so training stops the same clean way as on
+    Ctrl-C; the exit status still tells which it was (130 or 143)."""
+    terminated = False
+
+    @classmethod
+    def on_term(cls, signum, frame):
+        cls.terminated = True
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _warn_one_line
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _Signals.on_term)
     try:
         return args.func(args)
     except CnnkitError as e:
         print(f"cnnkit: error: {e}", file=sys.stderr)
-        return 1
+        if isinstance(e, Interrupted):
+            return 143 if _Signals.terminated else 130
+        return e.exit_code
     except KeyboardInterrupt:
         print("cnnkit: interrupted", file=sys.stderr)
-        return 130
+        return 143 if _Signals.terminated else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

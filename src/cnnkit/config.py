@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CnnkitError
+from .errors import SettingsError, unknown_choice
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -32,6 +32,8 @@ class Config:
     model: str = _f("fastnet", "model name (see `cnnkit models`)")
     width: str | None = _f(None, "layer widths, comma-separated (fastnet: 3 block widths, "
                            "resnet9: 4, resnet18: 1 base width); default: the model's own")
+    weights: str | None = _f(None, "start from these weights: a cnnkit checkpoint (.pt) or "
+                             ".safetensors file for the same model and classes")
     # --- optimisation -----------------------------------------------------------
     epochs: int | None = _f(None, "passes over the training set (default: the recipe's, "
                             "scaled to the data set's size)")
@@ -128,10 +130,10 @@ def make_config(recipe: str | None = None, **overrides: Any) -> Config:
     recipe = recipe or overrides.pop("recipe", None) or DEFAULT_RECIPE
     overrides.pop("recipe", None)
     if recipe not in RECIPES:
-        raise CnnkitError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+        raise unknown_choice("recipe", recipe, RECIPES)
     unknown = set(overrides) - set(field_names())
     if unknown:
-        raise CnnkitError(f"unknown setting(s) {', '.join(sorted(unknown))}; "
+        raise SettingsError(f"unknown setting(s) {', '.join(sorted(unknown))}; "
                           f"valid settings: {', '.join(field_names())}")
     values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
     cfg = Config(recipe=recipe, **values)
@@ -140,25 +142,25 @@ def make_config(recipe: str | None = None, **overrides: Any) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    for name in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise CnnkitError(f"--{name.replace('_', '-')} must be at least 1, "
+    for name in ("epochs", "batch_size", "eval_batch_size", "translate", "cutout"):
+        low = 0 if name in ("translate", "cutout") else 1
+        if getattr(cfg, name) is not None and getattr(cfg, name) < low:
+            raise SettingsError(f"--{name.replace('_', '-')} must be at least {low}, "
                               f"got {getattr(cfg, name)}")
     if cfg.lr is not None and cfg.lr <= 0:
-        raise CnnkitError(f"--lr must be positive, got {cfg.lr}")
+        raise SettingsError(f"--lr must be positive, got {cfg.lr}")
     if cfg.val_fraction is not None and not 0 < cfg.val_fraction < 1:
-        raise CnnkitError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
+        raise SettingsError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
     if cfg.time_budget is not None and cfg.time_budget <= 0:
-        raise CnnkitError(f"--time-budget must be positive seconds, got {cfg.time_budget}")
+        raise SettingsError(f"--time-budget must be positive seconds, got {cfg.time_budget}")
     if cfg.width is not None:
         parse_widths(cfg.width)
     if cfg.image_size is not None and cfg.image_size < 1:
-        raise CnnkitError(f"--image-size must be positive, got {cfg.image_size}")
+        raise SettingsError(f"--image-size must be positive, got {cfg.image_size}")
     for f in dataclasses.fields(Config):
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
-            raise CnnkitError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r} is not "
-                              f"valid; choose one of: {', '.join(choices)}")
+            raise unknown_choice(f"--{f.name.replace('_', '-')}", getattr(cfg, f.name), choices)
 
 
 def parse_widths(text: str | None) -> tuple[int, ...] | None:
@@ -167,8 +169,8 @@ def parse_widths(text: str | None) -> tuple[int, ...] | None:
     try:
         widths = tuple(int(w) for w in str(text).split(","))
     except ValueError:
-        raise CnnkitError(f"--width takes comma-separated integers like 64,256,256; "
+        raise SettingsError(f"--width takes comma-separated integers like 64,256,256; "
                           f"got {text!r}") from None
     if not widths or min(widths) < 1:
-        raise CnnkitError(f"--width values must be positive, got {text!r}")
+        raise SettingsError(f"--width values must be positive, got {text!r}")
     return widths

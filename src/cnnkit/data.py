@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import CnnkitError, CnnkitWarning, DownloadError
+from .errors import CnnkitError, CnnkitWarning, DownloadError, SettingsError, unknown_choice
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tiff", ".tif")
 DOWNLOADABLE = ("cifar10", "cifar100", "mnist", "fashion-mnist")
@@ -76,13 +76,7 @@ def load_dataset(source: str, *, data_dir: str | None = None, image_size: int | 
         name, classes, train, test = ("digits", *_digits())
         src = key
     else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise CnnkitError(f"data source {source!r} is neither a known data set "
-                              f"({', '.join(BUILTIN)}) nor an existing path")
-        if not path.is_dir():
-            raise CnnkitError(f"data source {source!r} is a file; pass a folder (an image "
-                              "folder with one subfolder per class, or a CIFAR python folder)")
+        path = check_source(source)
         path = _find_cifar_folder(path) or path
         src = str(path.resolve())
         name = path.name
@@ -102,6 +96,33 @@ def load_dataset(source: str, *, data_dir: str | None = None, image_size: int | 
     train_idx, val_idx = stratified_split(train.labels, val_fraction or DEFAULT_VAL_FRACTION,
                                           seed)
     return Dataset(name, src, classes, train.subset(train_idx), train.subset(val_idx), "val")
+
+
+NATIVE_INPUT = {"cifar10": (3, 32), "cifar100": (3, 32), "mnist": (1, 28),
+                "fashion-mnist": (1, 28), "digits": (1, 8)}
+
+
+def check_source(source: str) -> Path | None:
+    """Fail fast, before anything loads, on a source that is neither a known data set nor an
+    existing folder. Returns the folder for a path source."""
+    if source.lower() in BUILTIN:
+        return None
+    path = Path(source).expanduser()
+    if not path.exists():
+        if os.sep not in source and "." not in source:  # looks like a mistyped name
+            raise unknown_choice("data set", source, BUILTIN)
+        raise SettingsError(f"data source {source!r} is neither a known data set "
+                            f"({', '.join(BUILTIN)}) nor an existing path")
+    if not path.is_dir():
+        raise SettingsError(f"data source {source!r} is a file; pass a folder (an image "
+                            "folder with one subfolder per class, or a CIFAR python folder)")
+    return path
+
+
+def expected_input(source: str, image_size: int | None) -> tuple[int, int]:
+    """(channels, size) the source will have, known without loading it."""
+    channels, size = NATIVE_INPUT.get(source.lower(), (3, DEFAULT_FOLDER_SIZE))
+    return channels, image_size or size
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
@@ -148,11 +169,21 @@ def read_image(path: str | Path, size: int | tuple[int, int] | None, channels: i
     """
     with Image.open(path) as im:
         im.seek(0)
+        if size is not None and im.format == "JPEG":
+            # Let libjpeg decode a large photo at a reduced scale: far less time and memory.
+            side = max(size) if not isinstance(size, int) else size
+            im.draft(None, (side * 2, side * 2))
         im = ImageOps.exif_transpose(im)
         return image_to_tensor(im, size, channels)
 
 
 def image_to_tensor(im: Image.Image, size, channels: int = 3) -> torch.Tensor:
+    if im.mode.startswith("I") or im.mode == "F":
+        # 16-bit and 32-bit greyscale: scale the full range down to 8 bits (PIL's own
+        # conversion would clip everything above 255 to white).
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
     if im.mode in ("P", "PA") or "A" in im.getbands():
         # Composite transparency onto white rather than letting it turn black.
         rgba = im.convert("RGBA")

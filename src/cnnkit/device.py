@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CnnkitError
+from .errors import SettingsError
 
 
 @dataclass(frozen=True)
@@ -27,12 +27,12 @@ def select_runtime(name: str = "auto") -> Runtime:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise CnnkitError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise SettingsError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise CnnkitError("--device cuda was asked for but no CUDA GPU is available; "
+            raise SettingsError("--device cuda was asked for but no CUDA GPU is available; "
                               "use --device cpu")
         return Runtime(device, torch.bfloat16, torch.channels_last)
     if device.type != "cpu":
-        raise CnnkitError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+        raise SettingsError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return Runtime(device, torch.float32, torch.channels_last)

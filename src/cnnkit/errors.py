@@ -1,13 +1,36 @@
 """User-facing errors: one line that says what is wrong and what to do."""
+from __future__ import annotations
+
+import difflib
 
 
 class CnnkitError(Exception):
-    """A problem with the user's input or environment. The CLI prints it as one line."""
+    """A problem with the user's input or environment. The CLI prints it as one line and
+    exits with `exit_code`."""
+    exit_code = 1
+
+
+class SettingsError(CnnkitError):
+    """A setting is invalid; found before any data is loaded or any work is done."""
+    exit_code = 2
 
 
 class DownloadError(CnnkitError):
     """A data set or weights file could not be downloaded (usually: no network)."""
 
 
+class Interrupted(CnnkitError):
+    """Training was stopped by Ctrl-C or SIGTERM; the last completed epoch is saved."""
+    exit_code = 130
+
+
 class CnnkitWarning(UserWarning):
     """Something the user should know, which did not stop the job (e.g. skipped files)."""
+
+
+def unknown_choice(kind: str, name, choices) -> SettingsError:
+    """'unknown model 'resnt9' (did you mean resnet9?); choose one of: ...'"""
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return SettingsError(f"unknown {kind} {name!r}{hint}; choose one of: {', '.join(choices)}")

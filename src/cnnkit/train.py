@@ -5,11 +5,14 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import fcntl
 import io
 import json
-import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,13 +20,13 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write, save_checkpoint
-from .config import Config, fill_recipe_defaults, make_config, parse_widths
-from .data import Dataset, load_dataset
+from .checkpoint import atomic_write, describe, load_weights, read_checkpoint, save_checkpoint
+from .config import Config, field_names, fill_recipe_defaults, make_config, parse_widths
+from .data import Dataset, check_source, expected_input, load_dataset
 from .device import Runtime, select_runtime
 from .engine import NonFiniteLoss, batch_order, evaluate, train_one_epoch
-from .errors import CnnkitError
-from .models import create_model
+from .errors import CnnkitError, Interrupted, SettingsError
+from .models import create_model, model_entry
 from .optim import build_ema, build_optimizer, build_scheduler
 from .transforms import Augment, channel_stats, to_input
 
@@ -42,16 +45,22 @@ class TrainResult:
         return max((m["val_acc"] for m in self.metrics), default=0.0)
 
 
-def train(config: Config | None = None, *, log: Callable[[str], None] = print,
-          progress: bool | None = None, **overrides) -> TrainResult:
+def train(config: Config | None = None, *, resume: str | Path | None = None,
+          log: Callable[[str], None] = print, progress: bool | None = None,
+          **overrides) -> TrainResult:
     """Train a model. Pass a Config, or a recipe name and settings:
-    `cnnkit.train(data="digits", epochs=3)`; see `cnnkit.Config` for every setting."""
-    cfg = config if config is not None else make_config(**overrides)
+    `cnnkit.train(data="digits", epochs=3)`; see `cnnkit.Config` for every setting.
+    `resume=RUN` continues an interrupted run from its last completed epoch."""
+    state = None
+    if resume is not None:
+        cfg, state = _resume_state(Path(resume), config, overrides)
+    else:
+        cfg = config if config is not None else make_config(**overrides)
     if progress is None:
         progress = sys.stderr.isatty()
     runtime = select_runtime(cfg.device)
-    if cfg.out is not None:
-        _check_new_run_dir(Path(cfg.out))
+    if state is None:
+        preflight(cfg)  # every setting checked before any data loads
     ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
                       val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict)
     cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type)
@@ -63,6 +72,10 @@ def train(config: Config | None = None, *, log: Callable[[str], None] = print,
         ([0.0] * ds.in_channels, [1.0] * ds.in_channels)
     if hasattr(model, "init_from_data"):  # e.g. fastnet's patch-whitening conv
         model.init_from_data(to_input(ds.train.images[:10_000], mean, std))
+    if cfg.weights and state is None:
+        load_weights(model, read_checkpoint(cfg.weights),
+                     describe(cfg.model, len(ds.classes), ds.in_channels, ds.image_size),
+                     cfg.weights)
     model.to(runtime.device, memory_format=runtime.memory_format)
     net = torch.compile(model) if cfg.compile else model
 
@@ -70,84 +83,152 @@ def train(config: Config | None = None, *, log: Callable[[str], None] = print,
     val_data = _to_device(ds.val, runtime)
     steps_per_epoch = len(batch_order(len(train_data), cfg.batch_size, torch.Generator()))
     augment = Augment(cfg.flip, cfg.translate, cfg.cutout)
-    if cfg.time_budget is not None:
-        step_seconds = measure_step_seconds(net, train_data, cfg, augment, mean, std, runtime)
-        total_steps = max(1, int(cfg.time_budget / step_seconds))
-        epochs = -(-total_steps // steps_per_epoch)
-        plan = (f"time budget {cfg.time_budget:g}s at {step_seconds * 1000:.0f} ms/step: "
-                f"{total_steps} steps")
+    if state is not None:
+        total_steps, plan = state["total_steps"], f"{state['total_steps']} steps"
+    elif cfg.time_budget is not None:
+        total_steps, plan = plan_steps(net, train_data, cfg, augment, mean, std, runtime,
+                                       steps_per_epoch)
+        cfg = dataclasses.replace(cfg, epochs=-(-total_steps // steps_per_epoch))
     else:
-        epochs = cfg.epochs
-        total_steps = epochs * steps_per_epoch
+        total_steps = cfg.epochs * steps_per_epoch
         plan = f"{total_steps} steps"
-    cfg = dataclasses.replace(cfg, epochs=epochs)
-
-    run_dir = _make_run_dir(Path(cfg.out) if cfg.out else None, f"{ds.name}-{cfg.model}")
-    meta = _run_meta(cfg, ds, mean, std, run_dir, model_args)
-    atomic_write(run_dir / "config.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"data: {ds.name}: {len(ds.train)} train, {len(ds.val)} {ds.val_name} images, "
-        f"{len(ds.classes)} classes, {ds.in_channels}×{ds.image_size[0]}×{ds.image_size[1]}")
-    log(f"model: {cfg.model} ({n_params:,} parameters), recipe {cfg.recipe}, "
-        f"{epochs} epochs, batch {cfg.batch_size}, {plan}, on {runtime.device}; "
-        f"run folder {run_dir}")
+    epochs = cfg.epochs
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     ema = build_ema(model, cfg.ema)
     generator = torch.Generator().manual_seed(cfg.seed)
-    result = TrainResult(run_dir, cfg)
-    metrics_path = run_dir / "metrics.csv"
-    _append_row(metrics_path, METRIC_COLUMNS)
-    best, steps_done = -1.0, 0
-    for epoch in range(epochs):
-        whiten = getattr(model, "whiten", None)
-        if whiten is not None and whiten.bias is not None and epoch == cfg.whiten_bias_epochs:
-            whiten.bias.requires_grad_(False)
-        start = time.perf_counter()
+    result = TrainResult(Path(resume) if resume else None, cfg)
+    first_epoch, steps_done = 0, 0
+    if state is not None:
+        first_epoch, steps_done = _restore(state, model, optimizer, scheduler, ema, generator,
+                                           runtime)
+        result.metrics = list(state["history"])
+    with RunFolder(result.run_dir, cfg.out, f"{ds.name}-{cfg.model}", resume=state is not None
+                   ) as run_dir:
+        result.run_dir = run_dir
+        if state is None:
+            meta = _run_meta(cfg, ds, mean, std, run_dir, model_args)
+            atomic_write(run_dir / "config.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"data: {ds.name}: {len(ds.train)} train, {len(ds.val)} {ds.val_name} images, "
+            f"{len(ds.classes)} classes, {ds.in_channels}×{ds.image_size[0]}×{ds.image_size[1]}")
+        log(f"model: {cfg.model} ({n_params:,} parameters), recipe {cfg.recipe}, "
+            f"{epochs} epochs, batch {cfg.batch_size}, {plan}, on {runtime.device}; "
+            f"run folder {run_dir}" + (f"; resuming after epoch {first_epoch - 1}"
+                                       if state is not None else ""))
+        best = max((m["val_acc"] for m in result.metrics), default=-1.0)
+        epoch = first_epoch
         try:
-            stats = train_one_epoch(net, train_data, optimizer=optimizer, scheduler=scheduler,
-                                    batch_size=cfg.batch_size, epoch=epoch, generator=generator,
-                                    augment=augment, mean=mean, std=std, runtime=runtime,
-                                    label_smoothing=cfg.label_smoothing, seed=cfg.seed,
-                                    progress=progress, ema=ema,
-                                    max_batches=total_steps - steps_done)
-        except NonFiniteLoss as e:
-            raise CnnkitError(f"training diverged: {e}; checkpoints in {run_dir} are from "
-                              f"before it (try a lower --lr)") from None
-        _sync(runtime)
-        seconds = time.perf_counter() - start
-        steps_done += min(steps_per_epoch, total_steps - steps_done)
-        evaluated = ema.module if ema is not None else model
-        start = time.perf_counter()
-        # Test-time augmentation costs several forward passes: only for the final epoch.
-        ev = evaluate(evaluated, val_data, mean=mean, std=std, runtime=runtime,
-                      num_classes=len(ds.classes), batch_size=cfg.eval_batch_size,
-                      tta=cfg.tta if epoch == epochs - 1 else 0)
-        val_seconds = time.perf_counter() - start
-        row = dict(epoch=epoch, train_loss=stats.loss, train_acc=stats.accuracy,
-                   val_loss=ev.loss, val_acc=ev.accuracy, seconds=seconds,
-                   val_seconds=val_seconds)
-        result.metrics.append(row)
-        _append_row(metrics_path, [_fmt(row[c]) for c in METRIC_COLUMNS])
-        ckpt = _checkpoint(evaluated, cfg, ds, mean, std, epoch, row, optimizer, model_args)
-        save_checkpoint(run_dir / "last.pt", ckpt)
-        if ev.accuracy > best:
-            best = ev.accuracy
-            save_checkpoint(run_dir / "best.pt", ckpt)
-        tta_note = f" (tta {cfg.tta})" if cfg.tta and epoch == epochs - 1 else ""
-        log(f"epoch {epoch:>3}  train loss {stats.loss:.4f}  train acc {stats.accuracy:.4f}  "
-            f"{ds.val_name} acc {ev.accuracy:.4f}{tta_note}  {seconds:.1f}s")
+            for epoch in range(first_epoch, epochs):
+                whiten = getattr(model, "whiten", None)
+                if whiten is not None and whiten.bias is not None:
+                    whiten.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
+                start = time.perf_counter()
+                try:
+                    stats = train_one_epoch(
+                        net, train_data, optimizer=optimizer, scheduler=scheduler,
+                        batch_size=cfg.batch_size, epoch=epoch, generator=generator,
+                        augment=augment, mean=mean, std=std, runtime=runtime,
+                        label_smoothing=cfg.label_smoothing, seed=cfg.seed, progress=progress,
+                        ema=ema, max_batches=total_steps - steps_done)
+                except NonFiniteLoss as e:
+                    raise CnnkitError(f"training diverged: {e}; the checkpoints in {run_dir} "
+                                      f"are from before it (try a lower --lr)") from None
+                _sync(runtime)
+                seconds = time.perf_counter() - start
+                steps_done += min(steps_per_epoch, total_steps - steps_done)
+                evaluated = ema.module if ema is not None else model
+                start = time.perf_counter()
+                # Test-time augmentation costs several forward passes: final epoch only.
+                ev = evaluate(evaluated, val_data, mean=mean, std=std, runtime=runtime,
+                              num_classes=len(ds.classes), batch_size=cfg.eval_batch_size,
+                              tta=cfg.tta if epoch == epochs - 1 else 0)
+                val_seconds = time.perf_counter() - start
+                row = dict(epoch=epoch, train_loss=stats.loss, train_acc=stats.accuracy,
+                           val_loss=ev.loss, val_acc=ev.accuracy, seconds=seconds,
+                           val_seconds=val_seconds)
+                result.metrics.append(row)
+                ckpt = _checkpoint(evaluated, cfg, ds, mean, std, epoch, row, model_args)
+                with _deferred_interrupts():  # an epoch's files are written whole, together
+                    if ev.accuracy > best:
+                        best = ev.accuracy
+                        save_checkpoint(run_dir / "best.pt", ckpt)
+                    ckpt["train_state"] = _train_state(model, optimizer, scheduler, ema,
+                                                       generator, runtime, steps_done,
+                                                       total_steps, result.metrics)
+                    save_checkpoint(run_dir / "last.pt", ckpt)
+                    _write_metrics(run_dir / "metrics.csv", result.metrics)
+                tta_note = f" (tta {cfg.tta})" if cfg.tta and epoch == epochs - 1 else ""
+                log(f"epoch {epoch:>3}  train loss {stats.loss:.4f}  train acc "
+                    f"{stats.accuracy:.4f}  {ds.val_name} acc {ev.accuracy:.4f}{tta_note}  "
+                    f"{seconds:.1f}s")
+        except KeyboardInterrupt:
+            saved = torch.load(run_dir / "last.pt", weights_only=True)["epoch"] \
+                if (run_dir / "last.pt").exists() else None
+            kept = (f"epoch {saved} is saved; resume with: cnnkit train --resume {run_dir}"
+                    if saved is not None else "no epoch had completed, so there is nothing "
+                    "to resume")
+            raise Interrupted(f"training interrupted during epoch {epoch}; {kept}") from None
     total = sum(m["seconds"] for m in result.metrics)
     log(f"done: {ds.val_name} accuracy {result.metrics[-1]['val_acc']:.4f} (best {best:.4f}) "
-        f"after {total:.1f}s of training; run saved in {run_dir}")
+        f"after {total:.1f}s of training; run saved in {result.run_dir}")
     return result
 
 
-def measure_step_seconds(net, data, cfg: Config, augment, mean, std, runtime: Runtime,
-                         steps: int = 6) -> float:
-    """Seconds per optimizer step, measured on throw-away copies of the model and
-    optimizer after a warm-up, so the run itself is untouched."""
+@contextmanager
+def _deferred_interrupts():
+    """Ctrl-C or SIGTERM while an epoch's files are being written takes effect once they are
+    complete; a second Ctrl-C stops at once (the atomic writes still leave whole files)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+
+    def hold(signum, frame):
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if pending:
+        handler = previous[pending[0]]
+        if callable(handler):
+            handler(pending[0], None)  # the handler the caller installed (e.g. the CLI's)
+        raise KeyboardInterrupt
+
+
+def preflight(cfg: Config) -> None:
+    """Check what can be checked before loading data: the model, the data source, whether
+    the images will be big enough for the model, the output folder and weights file."""
+    model_entry(cfg.model)
+    check_source(cfg.data)
+    channels, size = expected_input(cfg.data, cfg.image_size)
+    args = {"widths": parse_widths(cfg.width)} if cfg.width else {}
+    model = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size,
+                         **args).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, size, size))
+    except RuntimeError:
+        raise SettingsError(f"images of {size}×{size} are too small for {cfg.model}; pass a "
+                            "larger --image-size") from None
+    if cfg.weights and not Path(cfg.weights).is_file():
+        raise SettingsError(f"--weights {cfg.weights}: no such file")
+    if cfg.out is not None:
+        _check_new_run_dir(Path(cfg.out))
+
+
+def plan_steps(net, data, cfg: Config, augment, mean, std, runtime: Runtime,
+               steps_per_epoch: int) -> tuple[int, str]:
+    """How many optimizer steps fit in cfg.time_budget, from step times measured on
+    throw-away copies of the model and optimizer (the run itself is untouched). fastnet's
+    first epochs also train the whitening bias and cost more per step, so both phases are
+    timed."""
     trial = copy.deepcopy(net)
     optimizer = build_optimizer(trial, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.0)
@@ -155,13 +236,33 @@ def measure_step_seconds(net, data, cfg: Config, augment, mean, std, runtime: Ru
     kw = dict(optimizer=optimizer, scheduler=scheduler, batch_size=cfg.batch_size, epoch=0,
               generator=generator, augment=augment, mean=mean, std=std, runtime=runtime,
               label_smoothing=cfg.label_smoothing)
-    train_one_epoch(trial, data, max_batches=2, **kw)
-    _sync(runtime)
-    n = min(steps, max(1, len(data) // cfg.batch_size))
-    start = time.perf_counter()
-    train_one_epoch(trial, data, max_batches=n, **kw)
-    _sync(runtime)
-    return (time.perf_counter() - start) / n
+    whiten = getattr(trial, "whiten", None)
+    early_steps = cfg.whiten_bias_epochs * steps_per_epoch \
+        if whiten is not None and whiten.bias is not None else 0
+
+    def seconds_per_step(bias_trains: bool, steps: int = 8) -> float:
+        if early_steps:
+            whiten.bias.requires_grad_(bias_trains)
+        train_one_epoch(trial, data, max_batches=2, **kw)  # warm-up
+        _sync(runtime)
+        n = min(steps, steps_per_epoch)
+        start = time.perf_counter()
+        train_one_epoch(trial, data, max_batches=n, **kw)
+        _sync(runtime)
+        return (time.perf_counter() - start) / n
+
+    late = seconds_per_step(False)
+    early = seconds_per_step(True) if early_steps else late
+    budget = cfg.time_budget
+    if budget <= early_steps * early:
+        total = budget / early
+    else:
+        total = early_steps + (budget - early_steps * early) / late
+    total = max(1, int(total))
+    return total, (f"time budget {budget:g}s at {late * 1000:.0f} ms/step "
+                   f"({early * 1000:.0f} in the first {cfg.whiten_bias_epochs} epochs): "
+                   f"{total} steps" if early_steps else
+                   f"time budget {budget:g}s at {late * 1000:.0f} ms/step: {total} steps")
 
 
 def _to_device(split, runtime: Runtime):
@@ -178,40 +279,73 @@ def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def _append_row(path: Path, values: list) -> None:
-    """One whole row per write, flushed to disk, so the file never ends in a torn row."""
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    """The whole table, rewritten atomically each epoch: it never holds a torn row."""
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(values)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(METRIC_COLUMNS)
+    for row in rows:
+        writer.writerow([_fmt(row[c]) for c in METRIC_COLUMNS])
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def _check_new_run_dir(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise CnnkitError(f"--out {path} already exists and is not empty; cnnkit never "
-                          f"overwrites a run: pick another folder")
+    if path.exists() and (not path.is_dir() or any(p.name != ".lock" for p in path.iterdir())):
+        raise SettingsError(f"--out {path} already exists and is not empty; cnnkit never "
+                            f"overwrites a run: pick another folder, or --resume it")
 
 
-def _make_run_dir(out: Path | None, name: str) -> Path:
-    if out is not None:
-        _check_new_run_dir(out)
+class RunFolder:
+    """The run folder, created (or reopened to resume) and locked for the run: a second
+    training pointed at the same folder refuses instead of overwriting it. The lock is an
+    flock, so it dies with the process, even on SIGKILL."""
+
+    def __init__(self, existing: Path | None, out: str | None, name: str, resume: bool):
+        self.existing, self.out, self.name, self.resume = existing, out, name, resume
+        self.lock = None
+
+    def __enter__(self) -> Path:
+        path = self.existing if self.resume else self._create()
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            self.lock = open(path / ".lock", "a")
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            raise CnnkitError(f"another cnnkit training is writing to {path}; wait for it "
+                              "or use another --out") from None
         except OSError as e:
-            raise CnnkitError(f"cannot create run folder {out}: {e.strerror}") from None
-        return out
-    root = Path("runs")
-    root.mkdir(exist_ok=True)
-    for n in range(1, 10_000):
-        path = root / (name if n == 1 else f"{name}-{n}")
+            raise CnnkitError(f"cannot write to run folder {path}: {e.strerror}") from None
+        if not self.resume and any(p.name != ".lock" for p in path.iterdir()):
+            raise CnnkitError(f"{path} was filled by another training while this one "
+                              "started; nothing was overwritten")
+        return path
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.close()
+
+    def _create(self) -> Path:
+        if self.out is not None:
+            out = Path(self.out)
+            _check_new_run_dir(out)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CnnkitError(f"cannot create run folder {out}: {e.strerror}") from None
+            return out
+        root = Path("runs")
         try:
-            path.mkdir()  # atomic: two runs starting together get different folders
-            return path
-        except FileExistsError:
-            continue
-    raise CnnkitError(f"too many runs named {name} in {root}; pass --out")
+            root.mkdir(exist_ok=True)
+        except OSError as e:
+            raise CnnkitError(f"cannot create {root.resolve()}: {e.strerror}; pass --out")
+        for n in range(1, 10_000):
+            path = root / (self.name if n == 1 else f"{self.name}-{n}")
+            try:
+                path.mkdir()  # atomic: two runs starting together get different folders
+                return path
+            except FileExistsError:
+                continue
+        raise CnnkitError(f"too many runs named {self.name} in {root}; pass --out")
 
 
 def _run_meta(cfg: Config, ds: Dataset, mean, std, run_dir: Path, model_args: dict) -> dict:
@@ -224,11 +358,58 @@ def _run_meta(cfg: Config, ds: Dataset, mean, std, run_dir: Path, model_args: di
 
 
 def _checkpoint(model, cfg: Config, ds: Dataset, mean, std, epoch: int, row: dict,
-                optimizer, model_args: dict) -> dict:
+                model_args: dict) -> dict:
     return {"model": cfg.model, "model_args": model_args, "classes": ds.classes,
             "in_channels": ds.in_channels, "image_size": list(ds.image_size),
             "mean": mean, "std": std, "epoch": epoch, "metrics": row,
             "config": cfg.to_dict(), "data_source": ds.source,
-            "state_dict": {k: v.detach().cpu().contiguous() for k, v in
-                           model.state_dict().items()},
-            "optimizer": optimizer.state_dict()}
+            "state_dict": _cpu_state(model)}
+
+
+def _cpu_state(module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _train_state(model, optimizer, scheduler, ema, generator, runtime, steps_done: int,
+                 total_steps: int, history: list[dict]) -> dict:
+    """Everything --resume needs to continue exactly where the run stopped."""
+    return {"model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "ema": _cpu_state(ema) if ema else None,
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(runtime.device)
+            if runtime.device.type == "cuda" else None,
+            "steps_done": steps_done, "total_steps": total_steps, "history": history}
+
+
+def _resume_state(run_dir: Path, config, overrides: dict):
+    if config is not None or any(v is not None for k, v in overrides.items() if k != "device"):
+        given = [k for k, v in overrides.items() if v is not None and k != "device"]
+        raise SettingsError(f"--resume continues a run with its own settings; drop "
+                            f"{', '.join('--' + k.replace('_', '-') for k in given) or 'the config'}")
+    last = run_dir / "last.pt"
+    if not (run_dir / "config.json").is_file() or not last.is_file():
+        raise SettingsError(f"--resume {run_dir}: not a run folder with a completed epoch "
+                            "(config.json and last.pt)")
+    ckpt = read_checkpoint(last)
+    state = ckpt.get("train_state")
+    if state is None:
+        raise SettingsError(f"{last} holds no training state to resume from")
+    saved = json.loads((run_dir / "config.json").read_text())
+    cfg = Config(**{k: saved[k] for k in field_names() if k in saved})
+    cfg = dataclasses.replace(cfg, epochs=ckpt["config"]["epochs"],
+                              device=overrides.get("device") or cfg.device)
+    state["epoch"] = ckpt["epoch"]
+    return cfg, state
+
+
+def _restore(state, model, optimizer, scheduler, ema, generator, runtime) -> tuple[int, int]:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None and state["ema"] is not None:
+        ema.load_state_dict(state["ema"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and runtime.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], runtime.device)
+    return state["epoch"] + 1, state["steps_done"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..errors import CnnkitError
+from ..errors import SettingsError
 from .registry import register_model
 from .resnet import pool_or_keep
 
@@ -92,7 +92,7 @@ class FastNet(nn.Module):
 def fastnet(num_classes=10, in_channels=3, image_size=(32, 32), widths=None):
     widths = tuple(widths) if widths else (64, 256, 256)
     if len(widths) < 1 or min(widths) < 1:
-        raise CnnkitError(f"fastnet needs positive widths, got {widths}")
+        raise SettingsError(f"fastnet needs positive widths, got {widths}")
     if min(image_size) < 2:
-        raise CnnkitError("fastnet needs images of at least 2×2")
+        raise SettingsError("fastnet needs images of at least 2×2")
     return FastNet(num_classes, in_channels, image_size, widths)

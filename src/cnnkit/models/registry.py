@@ -5,12 +5,13 @@ splits `forward_features` (the convolutional body) from `forward_head` (the clas
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn as nn
 
-from ..errors import CnnkitError
+from ..errors import SettingsError, unknown_choice
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def list_models() -> list[str]:
 
 def model_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
-        raise CnnkitError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+        raise unknown_choice("model", name, list_models())
     return _REGISTRY[name]
 
 
@@ -47,5 +48,11 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3,
                  image_size: int | tuple[int, int] = 32, **kwargs) -> nn.Module:
     """Build a registered model for images of `in_channels` × `image_size`."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    return model_entry(name).build(num_classes=num_classes, in_channels=in_channels,
+    entry = model_entry(name)
+    accepted = inspect.signature(entry.build).parameters
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        flags = ", ".join("--width" if k == "widths" else k for k in unknown)
+        raise SettingsError(f"{flags} does not apply to {name}")
+    return entry.build(num_classes=num_classes, in_channels=in_channels,
                                    image_size=size, **kwargs)

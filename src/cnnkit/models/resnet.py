@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import SettingsError
 from .registry import register_model
 
 
@@ -96,8 +97,7 @@ class ResNet18(nn.Module):
 
 def _widths(name, widths, n):
     if widths is not None and len(widths) != n:
-        from ..errors import CnnkitError
-        raise CnnkitError(f"{name} takes {n} width(s) in --width, got {len(widths)}")
+        raise SettingsError(f"{name} takes {n} width(s) in --width, got {len(widths)}")
     return widths
 
 

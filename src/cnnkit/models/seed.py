@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..errors import CnnkitError
+from ..errors import SettingsError
 from .registry import register_model
 
 
@@ -54,7 +54,7 @@ class SeedSimple(SeedCNN):
 
 def _check_size(name, image_size, min_size):
     if min(image_size) < min_size:
-        raise CnnkitError(f"{name} needs images of at least {min_size}×{min_size}, "
+        raise SettingsError(f"{name} needs images of at least {min_size}×{min_size}, "
                           f"got {image_size[0]}×{image_size[1]}; pass --image-size {min_size}")
 
 
