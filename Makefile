@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 #   make demo DATA=../shared/data/cifar10-subset/cifar-10-batches-py
 DATA   ?= cifar10
 
-.PHONY: install demo test clean
+.PHONY: install browser demo test clean
 
 install: $(VENV)/.installed
 
@@ -19,7 +19,15 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m cnnkit demo --data $(DATA)
 
-test: install
+# The report test renders report.html in headless Chromium (Debian's package).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { echo "installing Debian's chromium (for the report test)"; \
+	    $(SUDO) apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	$(PY) -m pytest -q
 
 clean:

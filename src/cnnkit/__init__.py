@@ -9,8 +9,9 @@ from .evaluate import evaluate  # noqa: E402
 from .models import create_model, list_models, register_model  # noqa: E402
 from .plots import show_batch  # noqa: E402
 from .predict import predict  # noqa: E402
+from .lrfind import lr_find  # noqa: E402
 from .train import train  # noqa: E402
 
 __all__ = ["Config", "RECIPES", "CnnkitError", "Dataset", "LoadedModel", "Split",
            "create_model", "evaluate", "list_models", "load", "load_dataset", "make_config",
-           "predict", "register_model", "show_batch", "train"]
+           "lr_find", "predict", "register_model", "show_batch", "train"]

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", type=int, choices=[0, 1, 2],
                    help="test-time augmentation level (default: the run's)")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--out", help="also draw the confusion matrix, per-class accuracy, top "
+                   "losses and report.html into this folder")
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="top classes with probabilities for image files")
@@ -75,7 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--out", default="batch.png")
     sb.add_argument("-n", type=int, default=64, help="how many images (default 64)")
     sb.add_argument("--seed", type=int, default=0)
+    sb.add_argument("--augmented", action="store_true",
+                    help="show the images after the recipe's training augmentation")
+    sb.add_argument("--recipe", help="recipe whose augmentation --augmented shows "
+                    "(default: the default recipe)")
+    for flag in ("flip", "translate", "cutout"):
+        sb.add_argument(f"--{flag}", type=str if flag == "flip" else int,
+                        help=f"override the recipe's --{flag}")
     sb.set_defaults(func=cmd_show_batch)
+
+    lf = sub.add_parser("lr-find", help="learning-rate range test: plot loss against lr and "
+                        "suggest an lr")
+    _config_flags(lf, skip=("out",))
+    lf.add_argument("--out", default="lr-find.png", help="the plot (default lr-find.png)")
+    lf.add_argument("--steps", type=int, default=100)
+    lf.set_defaults(func=cmd_lr_find)
+
+    rs = sub.add_parser("runs", help="a table of the runs in a folder")
+    rs.add_argument("folder", nargs="?", default="runs")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(func=cmd_runs)
+
+    cp = sub.add_parser("compare", help="overlay the curves of several runs")
+    cp.add_argument("runs", nargs="+", metavar="RUN")
+    cp.add_argument("--out", required=True, help="the plot, e.g. compare.png")
+    cp.set_defaults(func=cmd_compare)
 
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("--json", action="store_true")
@@ -93,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+            if hasattr(args, f.name)}
 
 
 def cmd_train(args) -> int:
@@ -115,7 +142,7 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate, format_report
     result = evaluate(args.run, args.data, device=args.device, batch_size=args.batch_size,
-                      data_dir=args.data_dir, tta=args.tta)
+                      data_dir=args.data_dir, tta=args.tta, out=args.out)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
 
@@ -136,9 +163,37 @@ def cmd_predict(args) -> int:
 
 def cmd_show_batch(args) -> int:
     from .plots import show_batch
+    from .transforms import Augment
+    augment = None
+    if args.augmented:
+        cfg = make_config(recipe=args.recipe, flip=args.flip, translate=args.translate,
+                          cutout=args.cutout)
+        augment = Augment(cfg.flip, cfg.translate, cfg.cutout)
     out = show_batch(args.data, args.out, n=args.n, seed=args.seed, data_dir=args.data_dir,
-                     image_size=args.image_size)
+                     image_size=args.image_size, augment=augment)
     print(f"saved {out}")
+    return 0
+
+
+def cmd_lr_find(args) -> int:
+    from .lrfind import lr_find
+    settings = {k: v for k, v in _overrides(args).items() if k != "out"}
+    result = lr_find(args.out, steps=args.steps, **settings)
+    print(f"suggested lr {result['suggested_lr']:.3g} (steepest fall of the loss); "
+          f"plot saved to {result['plot']}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from .runs import format_runs, list_runs
+    rows = list_runs(args.folder)
+    print(json.dumps(rows, indent=2) if args.json else format_runs(rows))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .runs import compare
+    print(f"saved {compare(args.runs, args.out)}")
     return 0
 
 

@@ -75,6 +75,8 @@ class Config:
     seed: int = _f(0, "random seed; on the CPU the same seed gives the same run")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N")
     eval_batch_size: int = _f(500, "images per batch when evaluating")
+    tensorboard: bool = _f(False, "also write TensorBoard logs into the run folder "
+                           "(needs the tensorboard package)")
     out: str | None = _f(None, "run folder (default runs/<data>-<model>[-N]); never overwritten")
     recipe: str = _f("fast", "named set of defaults (see `cnnkit recipes`)")
 

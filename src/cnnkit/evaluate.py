@@ -1,6 +1,8 @@
 """`evaluate`: accuracy, per-class accuracy and the confusion matrix of a trained model."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .checkpoint import LoadedModel, load
@@ -8,16 +10,19 @@ from .data import Split, load_dataset
 from .device import select_runtime
 from .engine import evaluate as run_eval
 from .errors import CnnkitError
-from .metrics import per_class_accuracy
+from .metrics import evaluation_record
+from .report import draw
 
 
 def evaluate(run, data: str | None = None, *, device: str = "auto", batch_size: int = 500,
-             data_dir: str | None = None, tta: int | None = None) -> dict:
+             data_dir: str | None = None, tta: int | None = None,
+             out: str | Path | None = None) -> dict:
     """Evaluate a run folder or checkpoint.
 
     Without `data`, on the run's own validation (or test) split, rebuilt from its config.
     With `data`, on that source's test split, or on all of its images if it has none.
-    `tta` defaults to the level the run was evaluated with during training.
+    `tta` defaults to the level the run was evaluated with during training. With `out`,
+    the pictures and report.html of an evaluation are written there.
     """
     runtime = select_runtime(device)
     lm = run if isinstance(run, LoadedModel) else load(run, runtime.device)
@@ -41,11 +46,11 @@ def evaluate(run, data: str | None = None, *, device: str = "auto", batch_size: 
     ev = run_eval(lm.model, split, mean=lm.mean, std=lm.std, runtime=runtime,
                   num_classes=len(lm.classes), batch_size=batch_size,
                   tta=lm.config.get("tta", 0) if tta is None else tta)
-    per_class = per_class_accuracy(ev.confusion)
-    return {"data": ds.source, "split": split_name, "num_images": len(split),
-            "accuracy": ev.accuracy, "loss": ev.loss, "classes": lm.classes,
-            "per_class_accuracy": dict(zip(lm.classes, per_class)),
-            "confusion_matrix": ev.confusion.tolist()}
+    record = evaluation_record(ev.confusion, ev.loss, lm.classes, ds.source, split_name)
+    if out is not None:
+        draw(Path(out), evaluation=record, images=split.images, labels=split.labels,
+             probs=ev.probs, settings={"model": lm.name, "checkpoint": lm.path})
+    return record
 
 
 def _check_compatible(lm: LoadedModel, classes: list[str], in_channels: int) -> None:

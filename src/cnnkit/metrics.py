@@ -19,3 +19,12 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:
 def accuracy(confusion: torch.Tensor) -> float:
     total = int(confusion.sum())
     return float(confusion.trace()) / total if total else 0.0
+
+
+def evaluation_record(confusion: torch.Tensor, loss: float, classes: list[str], data: str,
+                      split: str) -> dict:
+    """What `cnnkit eval` prints and saves: overall and per-class accuracy, the matrix."""
+    return {"data": data, "split": split, "num_images": int(confusion.sum()),
+            "accuracy": accuracy(confusion), "loss": loss, "classes": list(classes),
+            "per_class_accuracy": dict(zip(classes, per_class_accuracy(confusion))),
+            "confusion_matrix": confusion.tolist()}

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -37,12 +38,146 @@ def image_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str], o
 
 
 def show_batch(data: str, out: str | Path, *, n: int = 64, seed: int = 0,
-               data_dir: str | None = None, image_size: int | None = None) -> Path:
-    """Save a grid of `n` random training images of a data source, like the tutorial's plot."""
+               data_dir: str | None = None, image_size: int | None = None,
+               augment=None) -> Path:
+    """Save a grid of `n` random training images of a data source, like the tutorial's plot;
+    with `augment` (a transforms.Augment), as the model sees them after augmentation."""
     from .data import load_dataset
 
     ds = load_dataset(data, data_dir=data_dir, image_size=image_size, seed=seed)
     g = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(ds.train), generator=g)[:n]
-    return image_grid(ds.train.images[index], ds.train.labels[index], ds.classes, Path(out),
-                      title=f"{ds.name}: {len(index)} training images")
+    images = ds.train.images[index]
+    title = f"{ds.name}: {len(index)} training images"
+    if augment is not None and augment.active:
+        x = augment(images.float() / 255, index, 1, g, seed)
+        images = (x * 255).round().clamp(0, 255).to(torch.uint8)
+        title += f" (augmented: flip {augment.flip}, translate {augment.translate}, " \
+                 f"cutout {augment.cutout})"
+    return image_grid(images, ds.train.labels[index], ds.classes, Path(out), title=title)
+
+
+def _save(fig, out: Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_curves(metrics: list[dict], out: Path, title: str = "") -> Path:
+    """Loss and accuracy per epoch, train and validation."""
+    epochs = [m["epoch"] for m in metrics]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "-o", ms=3, label="train")
+    ax_loss.plot(epochs, [m["val_loss"] for m in metrics], "-o", ms=3, label="validation")
+    ax_acc.plot(epochs, [m["train_acc"] * 100 for m in metrics], "-o", ms=3, label="train")
+    ax_acc.plot(epochs, [m["val_acc"] * 100 for m in metrics], "-o", ms=3, label="validation")
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy, %")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_confusion(confusion: torch.Tensor, classes: list[str], out: Path) -> Path:
+    """The confusion matrix normalized per true class (rows sum to 1), counts in the title."""
+    cm = confusion.double()
+    norm = cm / cm.sum(1, keepdim=True).clamp_min(1)
+    k = len(classes)
+    size = max(5, min(0.55 * k + 2, 30))
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), classes, rotation=90 if k > 10 else 45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                v = float(norm[i, j])
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v > 0.5 else "black")
+    ax.set_title(f"confusion matrix (normalized; {int(cm.sum())} images)")
+    fig.colorbar(im, fraction=0.046)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_per_class(per_class: dict[str, float | None], out: Path) -> Path:
+    names = list(per_class)
+    values = [100 * (v or 0.0) for v in per_class.values()]
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.3 * len(names) + 1)))
+    ax.barh(range(len(names)), values, color="C0")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("accuracy, %")
+    for i, v in enumerate(values):
+        ax.text(min(v + 1, 92), i, f"{v:.1f}", va="center", fontsize=7)
+    ax.set_title("accuracy per class")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def top_losses(probs: torch.Tensor, labels: torch.Tensor, k: int) -> list[dict]:
+    """The k items with the highest cross-entropy loss, highest first."""
+    losses = -probs[torch.arange(len(labels)), labels].clamp_min(1e-12).log()
+    order = losses.argsort(descending=True, stable=True)[:k]
+    return [{"index": int(i), "label": int(labels[i]), "pred": int(probs[i].argmax()),
+             "prob": float(probs[i].max()), "loss": float(losses[i])} for i in order]
+
+
+def plot_top_losses(images: torch.Tensor, items: list[dict], classes: list[str],
+                    out: Path) -> Path:
+    """The most confidently wrong validation images: true class, prediction, probability."""
+    n = len(items)
+    cols = min(4, max(n, 1))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 2.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, item in zip(axes.flat, items):
+        img = images[item["index"]].permute(1, 2, 0).cpu().numpy()
+        ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray",
+                  interpolation="nearest")
+        ax.set_title(f"true {classes[item['label']]}\npred {classes[item['pred']]} "
+                     f"{item['prob']:.2f}, loss {item['loss']:.2f}", fontsize=8)
+    fig.suptitle("top losses (validation)")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_lr_find(lrs: list[float], losses: list[float], suggested: float, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses)
+    ax.axvline(suggested, color="C1", ls="--", label=f"suggested lr {suggested:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss (smoothed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("learning-rate range test")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_compare(runs: dict[str, list[dict]], out: Path) -> Path:
+    """Validation accuracy and training loss of several runs, overlaid."""
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, metrics in runs.items():
+        epochs = [m["epoch"] for m in metrics]
+        ax_acc.plot(epochs, [m["val_acc"] * 100 for m in metrics], "-o", ms=3, label=name)
+        ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "-o", ms=3, label=name)
+    for ax, name in ((ax_acc, "validation accuracy, %"), (ax_loss, "training loss")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)

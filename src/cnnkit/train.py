@@ -27,7 +27,9 @@ from .device import Runtime, select_runtime
 from .engine import NonFiniteLoss, batch_order, evaluate, train_one_epoch
 from .errors import CnnkitError, Interrupted, SettingsError
 from .models import create_model, model_entry
+from .metrics import evaluation_record
 from .optim import build_ema, build_optimizer, build_scheduler
+from .report import draw
 from .transforms import Augment, channel_stats, to_input
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds",
@@ -118,7 +120,8 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
             f"run folder {run_dir}" + (f"; resuming after epoch {first_epoch - 1}"
                                        if state is not None else ""))
         best = max((m["val_acc"] for m in result.metrics), default=-1.0)
-        epoch = first_epoch
+        board = _tensorboard(run_dir, train_data, ds) if cfg.tensorboard else None
+        epoch, ev = first_epoch, None
         try:
             for epoch in range(first_epoch, epochs):
                 whiten = getattr(model, "whiten", None)
@@ -159,6 +162,11 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
                                                        total_steps, result.metrics)
                     save_checkpoint(run_dir / "last.pt", ckpt)
                     _write_metrics(run_dir / "metrics.csv", result.metrics)
+                if board is not None:
+                    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+                        board.add_scalar(key.replace("_", "/", 1), row[key], epoch)
+                    board.add_scalar("lr", optimizer.param_groups[0]["lr"], epoch)
+                    board.flush()
                 tta_note = f" (tta {cfg.tta})" if cfg.tta and epoch == epochs - 1 else ""
                 log(f"epoch {epoch:>3}  train loss {stats.loss:.4f}  train acc "
                     f"{stats.accuracy:.4f}  {ds.val_name} acc {ev.accuracy:.4f}{tta_note}  "
@@ -170,6 +178,14 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
                     if saved is not None else "no epoch had completed, so there is nothing "
                     "to resume")
             raise Interrupted(f"training interrupted during epoch {epoch}; {kept}") from None
+        finally:
+            if board is not None:
+                board.close()
+        if ev is not None:  # the pictures and report.html of the final model
+            record = evaluation_record(ev.confusion, ev.loss, ds.classes, ds.source, ds.val_name)
+            settings = json.loads((run_dir / "config.json").read_text())
+            draw(run_dir, evaluation=record, images=ds.val.images, labels=ds.val.labels,
+                 probs=ev.probs, metrics=result.metrics, settings=settings)
     total = sum(m["seconds"] for m in result.metrics)
     log(f"done: {ds.val_name} accuracy {result.metrics[-1]['val_acc']:.4f} (best {best:.4f}) "
         f"after {total:.1f}s of training; run saved in {result.run_dir}")
@@ -202,6 +218,17 @@ def _deferred_interrupts():
         raise KeyboardInterrupt
 
 
+def _tensorboard(run_dir: Path, train_data, ds: Dataset):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SettingsError("--tensorboard needs the tensorboard package: "
+                            "pip install 'cnnkit[tensorboard]'") from None
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    writer.add_images("train/batch", train_data.images[:32].cpu(), 0)
+    return writer
+
+
 def preflight(cfg: Config) -> None:
     """Check what can be checked before loading data: the model, the data source, whether
     the images will be big enough for the model, the output folder and weights file."""
@@ -217,6 +244,12 @@ def preflight(cfg: Config) -> None:
     except RuntimeError:
         raise SettingsError(f"images of {size}×{size} are too small for {cfg.model}; pass a "
                             "larger --image-size") from None
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise SettingsError("--tensorboard needs the tensorboard package: "
+                                "pip install 'cnnkit[tensorboard]'") from None
     if cfg.weights and not Path(cfg.weights).is_file():
         raise SettingsError(f"--weights {cfg.weights}: no such file")
     if cfg.out is not None:

@@ -1,0 +1,95 @@
+"""The pictures of a run or an evaluation, and report.html: one self-contained page
+(images embedded as data URIs) that opens from the file system in any browser."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_write
+from .plots import plot_confusion, plot_curves, plot_per_class, plot_top_losses, top_losses
+
+
+def most_confused(confusion: torch.Tensor, classes: list[str], k: int = 5) -> list[dict]:
+    off = confusion.clone()
+    off.fill_diagonal_(0)
+    flat = off.flatten().argsort(descending=True, stable=True)[:k]
+    n = len(classes)
+    return [{"true": classes[i // n], "pred": classes[i % n], "count": int(off.flatten()[i])}
+            for i in flat.tolist() if off.flatten()[i] > 0]
+
+
+def draw(out: Path, *, evaluation: dict, images: torch.Tensor, labels: torch.Tensor,
+         probs: torch.Tensor, metrics: list[dict] | None = None, settings: dict | None = None,
+         top_k: int = 16) -> Path:
+    """Write curves.png (with metrics), confusion.png, per-class.png, top-losses.png,
+    evaluation.json and report.html into `out`; return the report's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = evaluation["classes"]
+    confusion = torch.tensor(evaluation["confusion_matrix"])
+    top = top_losses(probs, labels.cpu(), min(top_k, len(labels)))
+    pictures = {}
+    if metrics:
+        pictures["Training curves"] = plot_curves(metrics, out / "curves.png")
+    pictures["Confusion matrix"] = plot_confusion(confusion, classes, out / "confusion.png")
+    pictures["Accuracy per class"] = plot_per_class(evaluation["per_class_accuracy"],
+                                                    out / "per-class.png")
+    pictures["Top losses"] = plot_top_losses(images.cpu(), top, classes, out / "top-losses.png")
+    confused = most_confused(confusion, classes)
+    record = {**evaluation, "top_losses": top, "most_confused": confused}
+    atomic_write(out / "evaluation.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
+    page = _html(evaluation, metrics or [], settings or {}, confused, pictures)
+    atomic_write(out / "report.html", lambda f: f.write(page.encode()))
+    return out / "report.html"
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(Path(path).stem)}">'
+
+
+def _table(rows, head=None) -> str:
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                    for r in rows)
+    header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" \
+        if head else ""
+    return f"<table>{header}{cells}</table>"
+
+
+def _html(evaluation, metrics, settings, confused, pictures) -> str:
+    title = settings.get("run_dir") or evaluation.get("data", "evaluation")
+    last = metrics[-1] if metrics else {}
+    summary = [("accuracy", f"{evaluation['accuracy']:.4f}"),
+               ("loss", f"{evaluation['loss']:.4f}"),
+               ("images", evaluation["num_images"]),
+               ("split", evaluation["split"]), ("data", evaluation["data"])]
+    if metrics:
+        summary += [("epochs", len(metrics)),
+                    ("training seconds", f"{sum(m['seconds'] for m in metrics):.1f}"),
+                    ("final train accuracy", f"{last['train_acc']:.4f}")]
+    keep = [(k, v) for k, v in settings.items() if not isinstance(v, (list, dict))]
+    sections = [f"<h2>{html.escape(name)}</h2>{_img(path)}" for name, path in pictures.items()]
+    pairs = _table([(c["true"], c["pred"], c["count"]) for c in confused],
+                   ["true class", "predicted as", "images"]) if confused else "<p>none</p>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>cnnkit report: {html.escape(str(title))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+img {{ max-width: 100%; border: 1px solid #ddd; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; }}
+th {{ background: #f0f0f0; }}
+</style></head><body>
+<h1>cnnkit report</h1>
+<p>{html.escape(str(title))}</p>
+<h2>Results</h2>{_table(summary)}
+<h2>Most confused classes</h2>{pairs}
+{''.join(sections)}
+<h2>Settings</h2>{_table(keep, ["setting", "value"]) if keep else "<p>-</p>"}
+</body></html>
+"""
