@@ -2,7 +2,6 @@ import os
 import pickle
 import shutil
 import time
-import warnings
 
 import numpy as np
 import pytest

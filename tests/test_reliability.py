@@ -2,7 +2,6 @@
 import csv
 import errno
 import fcntl
-import json
 import os
 import signal
 import subprocess

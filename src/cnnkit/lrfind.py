@@ -3,20 +3,20 @@ for about 100 steps until the loss diverges; the model and optimizer are restore
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .config import fill_recipe_defaults, make_config, parse_widths
-from .data import Split, load_dataset
+from .config import make_config
+from .data import Split
 from .device import Runtime, select_runtime
 from .engine import batch_order
-from .models import create_model
 from .optim import build_optimizer
 from .plots import plot_lr_find
-from .transforms import Augment, channel_stats, to_input
+from .transforms import Augment, to_input
 
 
 def lr_range_test(model, optimizer, data: Split, *, mean, std, runtime: Runtime,
@@ -77,19 +77,12 @@ def lr_find(out: str | Path = "lr-find.png", *, steps: int = 100, start: float =
             end: float = 10.0, **settings) -> dict:
     """Build the data and model a `train` with these settings would use, run the range
     test, and save a plot of loss against lr. `cnnkit.lr_find(data="digits")`."""
+    from .train import prepare, preflight
+
     cfg = make_config(**settings)
     runtime = select_runtime(cfg.device)
-    ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
-                      val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict)
-    cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type)
-    torch.manual_seed(cfg.seed)
-    args = {"widths": list(parse_widths(cfg.width))} if cfg.width else {}
-    model = create_model(cfg.model, num_classes=len(ds.classes), in_channels=ds.in_channels,
-                         image_size=ds.image_size, **args)
-    mean, std = channel_stats(ds.train.images) if cfg.normalize else \
-        ([0.0] * ds.in_channels, [1.0] * ds.in_channels)
-    if hasattr(model, "init_from_data"):
-        model.init_from_data(to_input(ds.train.images[:10_000], mean, std))
+    preflight(dataclasses.replace(cfg, out=None))
+    cfg, ds, model, _, mean, std = prepare(cfg, runtime)
     model.to(runtime.device, memory_format=runtime.memory_format)
     data = Split(ds.train.images.to(runtime.device), ds.train.labels.to(runtime.device))
     result = lr_range_test(model, build_optimizer(model, cfg), data, mean=mean, std=std,

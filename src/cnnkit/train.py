@@ -63,17 +63,7 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     runtime = select_runtime(cfg.device)
     if state is None:
         preflight(cfg)  # every setting checked before any data loads
-    ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
-                      val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict)
-    cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type)
-    torch.manual_seed(cfg.seed)
-    model_args = {"widths": list(parse_widths(cfg.width))} if cfg.width else {}
-    model = create_model(cfg.model, num_classes=len(ds.classes), in_channels=ds.in_channels,
-                         image_size=ds.image_size, **model_args)
-    mean, std = channel_stats(ds.train.images) if cfg.normalize else \
-        ([0.0] * ds.in_channels, [1.0] * ds.in_channels)
-    if hasattr(model, "init_from_data"):  # e.g. fastnet's patch-whitening conv
-        model.init_from_data(to_input(ds.train.images[:10_000], mean, std))
+    cfg, ds, model, model_args, mean, std = prepare(cfg, runtime)
     if cfg.weights and state is None:
         load_weights(model, read_checkpoint(cfg.weights),
                      describe(cfg.model, len(ds.classes), ds.in_channels, ds.image_size),
@@ -254,6 +244,23 @@ def preflight(cfg: Config) -> None:
         raise SettingsError(f"--weights {cfg.weights}: no such file")
     if cfg.out is not None:
         _check_new_run_dir(Path(cfg.out))
+
+
+def prepare(cfg: Config, runtime: Runtime):
+    """The data and the freshly initialised model a run with these settings trains:
+    (config with the recipe's open settings filled, dataset, model, model args, mean, std)."""
+    ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
+                      val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict)
+    cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type)
+    torch.manual_seed(cfg.seed)
+    model_args = {"widths": list(parse_widths(cfg.width))} if cfg.width else {}
+    model = create_model(cfg.model, num_classes=len(ds.classes), in_channels=ds.in_channels,
+                         image_size=ds.image_size, **model_args)
+    mean, std = channel_stats(ds.train.images) if cfg.normalize else \
+        ([0.0] * ds.in_channels, [1.0] * ds.in_channels)
+    if hasattr(model, "init_from_data"):  # e.g. fastnet's patch-whitening conv
+        model.init_from_data(to_input(ds.train.images[:10_000], mean, std))
+    return cfg, ds, model, model_args, mean, std
 
 
 def plan_steps(net, data, cfg: Config, augment, mean, std, runtime: Runtime,
