@@ -30,6 +30,10 @@ def test_tta_flip_average_is_mirror_invariant():
     views = [padded[:, :, :6, :6], padded[:, :, 2:, 2:]]
     expected = 0.5 * tta_logits(model, x, 1) + 0.25 * sum(tta_logits(model, v, 1) for v in views)
     assert torch.allclose(tta_logits(model, x, 2), expected, atol=1e-6)
+    # a model trained without flips is never shown a mirror image
+    assert torch.equal(tta_logits(model, x, 1, mirror=False), model(x))
+    plain = 0.5 * model(x) + 0.25 * sum(model(v) for v in views)
+    assert torch.allclose(tta_logits(model, x, 2, mirror=False), plain, atol=1e-6)
 
 
 def test_linear_schedule_warms_up_then_decays_to_the_floor():

@@ -98,6 +98,35 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--json", action="store_true")
     rs.set_defaults(func=cmd_runs)
 
+    su = sub.add_parser("summary", help="per-layer output shapes, parameters and FLOPs")
+    su.add_argument("model", metavar="MODEL_OR_RUN")
+    su.add_argument("--image-size", type=int)
+    su.add_argument("--in-channels", type=int)
+    su.add_argument("--num-classes", type=int)
+    su.add_argument("--json", action="store_true")
+    su.set_defaults(func=cmd_summary)
+
+    fi = sub.add_parser("filters", help="draw a conv layer's learned kernels")
+    fi.add_argument("run")
+    fi.add_argument("--layer", help="conv layer name (default: the first conv layer)")
+    fi.add_argument("--out", required=True, help="the PNG to write")
+    fi.set_defaults(func=cmd_filters)
+
+    fe = sub.add_parser("features", help="feature maps of one image after each conv layer")
+    fe.add_argument("run")
+    fe.add_argument("image")
+    fe.add_argument("--layers", nargs="+", metavar="NAME")
+    fe.add_argument("--out", required=True, help="folder for one PNG per layer")
+    fe.set_defaults(func=cmd_features)
+
+    ex = sub.add_parser("explain", help="Grad-CAM heat maps: where the evidence for a class is")
+    ex.add_argument("run")
+    ex.add_argument("images", nargs="+", metavar="IMAGE")
+    ex.add_argument("--class", dest="class_name", help="explain this class (default: the top one)")
+    ex.add_argument("--layer", help="target layer (default: the model's last spatial stage)")
+    ex.add_argument("--out", required=True, help="folder for the overlaid images")
+    ex.set_defaults(func=cmd_explain)
+
     cp = sub.add_parser("compare", help="overlay the curves of several runs")
     cp.add_argument("runs", nargs="+", metavar="RUN")
     cp.add_argument("--out", required=True, help="the plot, e.g. compare.png")
@@ -188,6 +217,39 @@ def cmd_runs(args) -> int:
     from .runs import format_runs, list_runs
     rows = list_runs(args.folder)
     print(json.dumps(rows, indent=2) if args.json else format_runs(rows))
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from .summary import format_summary, summary
+    s = summary(args.model, image_size=args.image_size, in_channels=args.in_channels,
+                num_classes=args.num_classes)
+    print(json.dumps(s, indent=2) if args.json else format_summary(s))
+    return 0
+
+
+def cmd_filters(args) -> int:
+    from .explain import filters
+    r = filters(args.run, args.out, layer=args.layer)
+    if r["note"]:
+        print(r["note"])
+    print(f"saved {r['file']} ({r['layer']}, {'×'.join(map(str, r['shape']))})")
+    return 0
+
+
+def cmd_features(args) -> int:
+    from .explain import features
+    for r in features(args.run, args.image, args.out, layers=args.layers):
+        print(f"{r['layer']}: {r['channels']} channels, {r['height']}×{r['width']} -> {r['file']}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .explain import explain
+    for r in explain(args.run, args.images, args.out, class_name=args.class_name,
+                     layer=args.layer):
+        print(f"{r['file']}: {r['predicted']} {r['probability']:.3f}; evidence for "
+              f"{r['explained']} at {r['layer']} -> {r['heatmap']}")
     return 0
 
 

@@ -93,24 +93,28 @@ class EvalResult:
     probs: torch.Tensor       # (N, K) softmax probabilities, on the CPU
 
 
-def tta_logits(model: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
+def tta_logits(model: nn.Module, x: torch.Tensor, level: int, mirror: bool = True
+               ) -> torch.Tensor:
     """Test-time augmentation: 0 none, 1 average with the mirror image, 2 also with
-    1-pixel translations (up-left and down-right) of both."""
+    1-pixel translations (up-left and down-right) of both. Without `mirror` (a model trained
+    without flips, where left and right may mean different classes) no view is mirrored."""
+    def views(z):
+        return 0.5 * (model(z) + model(z.flip(3))) if mirror else model(z)
     if level == 0:
         return model(x)
-    logits = 0.5 * (model(x) + model(x.flip(3)))
+    logits = views(x)
     if level == 1:
         return logits
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
     h, w = x.shape[2:]
     shifted = [padded[:, :, :h, :w], padded[:, :, 2:, 2:]]
-    moved = sum(0.5 * (model(s) + model(s.flip(3))) for s in shifted) / len(shifted)
+    moved = sum(views(s) for s in shifted) / len(shifted)
     return 0.5 * logits + 0.5 * moved
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: Split, *, mean, std, runtime: Runtime, num_classes: int,
-             batch_size: int = 500, tta: int = 0) -> EvalResult:
+             batch_size: int = 500, tta: int = 0, mirror: bool = True) -> EvalResult:
     model.eval()
     probs, total_loss = [], 0.0
     for start in range(0, len(data), batch_size):
@@ -118,7 +122,7 @@ def evaluate(model: nn.Module, data: Split, *, mean, std, runtime: Runtime, num_
                      memory_format=runtime.memory_format)
         y = data.labels[start:start + batch_size].to(runtime.device)
         with torch.autocast(runtime.device.type, dtype=runtime.dtype, enabled=runtime.autocast):
-            logits = tta_logits(model, x, tta).float()
+            logits = tta_logits(model, x, tta, mirror).float()
         total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
         probs.append(logits.softmax(1).cpu())
     probs = torch.cat(probs) if probs else torch.zeros(0, num_classes)

@@ -45,11 +45,13 @@ def evaluate(run, data: str | None = None, *, device: str = "auto", batch_size: 
     split = Split(split.images.to(runtime.device), split.labels.to(runtime.device))
     ev = run_eval(lm.model, split, mean=lm.mean, std=lm.std, runtime=runtime,
                   num_classes=len(lm.classes), batch_size=batch_size,
-                  tta=lm.config.get("tta", 0) if tta is None else tta)
+                  tta=lm.config.get("tta", 0) if tta is None else tta,
+                  mirror=lm.config.get("flip", "none") != "none")
     record = evaluation_record(ev.confusion, ev.loss, lm.classes, ds.source, split_name)
     if out is not None:
         draw(Path(out), evaluation=record, images=split.images, labels=split.labels,
-             probs=ev.probs, settings={"model": lm.name, "checkpoint": lm.path})
+             probs=ev.probs, settings={"model": lm.name, "checkpoint": lm.path},
+             model=load(lm.path) if lm.path else None)
     return record
 
 

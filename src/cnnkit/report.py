@@ -24,9 +24,10 @@ def most_confused(confusion: torch.Tensor, classes: list[str], k: int = 5) -> li
 
 def draw(out: Path, *, evaluation: dict, images: torch.Tensor, labels: torch.Tensor,
          probs: torch.Tensor, metrics: list[dict] | None = None, settings: dict | None = None,
-         top_k: int = 16) -> Path:
+         top_k: int = 16, model=None) -> Path:
     """Write curves.png (with metrics), confusion.png, per-class.png, top-losses.png,
-    evaluation.json and report.html into `out`; return the report's path."""
+    evaluation.json and report.html into `out`; with `model` (a LoadedModel) also
+    filters.png and gradcam-worst.png. Return the report's path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = evaluation["classes"]
@@ -39,6 +40,11 @@ def draw(out: Path, *, evaluation: dict, images: torch.Tensor, labels: torch.Ten
     pictures["Accuracy per class"] = plot_per_class(evaluation["per_class_accuracy"],
                                                     out / "per-class.png")
     pictures["Top losses"] = plot_top_losses(images.cpu(), top, classes, out / "top-losses.png")
+    if model is not None:  # inside the network: first-layer filters, Grad-CAM of the worst
+        from .explain import filters, worst_cams
+        pictures["First-layer filters"] = Path(filters(model, out / "filters.png")["file"])
+        pictures["Grad-CAM of the worst-classified images"] = worst_cams(
+            model, images.cpu(), top[:8], out / "gradcam-worst.png")
     confused = most_confused(confusion, classes)
     record = {**evaluation, "top_losses": top, "most_confused": confused}
     atomic_write(out / "evaluation.json", lambda f: f.write(json.dumps(record, indent=2).encode()))

@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write, describe, load_weights, read_checkpoint, save_checkpoint
+from .checkpoint import (atomic_write, describe, load, load_weights, read_checkpoint,
+                         save_checkpoint)
 from .config import Config, field_names, fill_recipe_defaults, make_config, parse_widths
 from .data import Dataset, check_source, expected_input, load_dataset
 from .device import Runtime, select_runtime
@@ -136,7 +137,8 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
                 # Test-time augmentation costs several forward passes: final epoch only.
                 ev = evaluate(evaluated, val_data, mean=mean, std=std, runtime=runtime,
                               num_classes=len(ds.classes), batch_size=cfg.eval_batch_size,
-                              tta=cfg.tta if epoch == epochs - 1 else 0)
+                              tta=cfg.tta if epoch == epochs - 1 else 0,
+                              mirror=cfg.flip != "none")
                 val_seconds = time.perf_counter() - start
                 row = dict(epoch=epoch, train_loss=stats.loss, train_acc=stats.accuracy,
                            val_loss=ev.loss, val_acc=ev.accuracy, seconds=seconds,
@@ -175,7 +177,8 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
             record = evaluation_record(ev.confusion, ev.loss, ds.classes, ds.source, ds.val_name)
             settings = json.loads((run_dir / "config.json").read_text())
             draw(run_dir, evaluation=record, images=ds.val.images, labels=ds.val.labels,
-                 probs=ev.probs, metrics=result.metrics, settings=settings)
+                 probs=ev.probs, metrics=result.metrics, settings=settings,
+                 model=load(run_dir / "last.pt"))
     total = sum(m["seconds"] for m in result.metrics)
     log(f"done: {ds.val_name} accuracy {result.metrics[-1]['val_acc']:.4f} (best {best:.4f}) "
         f"after {total:.1f}s of training; run saved in {result.run_dir}")
