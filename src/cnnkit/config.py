@@ -34,6 +34,13 @@ class Config:
                            "resnet9: 4, resnet18: 1 base width); default: the model's own")
     weights: str | None = _f(None, "start from these weights: a cnnkit checkpoint (.pt) or "
                              ".safetensors file for the same model and classes")
+    pretrained: bool = _f(False, "tv: models: start from torchvision's ImageNet weights "
+                          "(downloaded once; image size and normalization follow them)")
+    freeze_epochs: int = _f(0, "tv: models: train only the new head for this many epochs, "
+                            "backbone and its BatchNorm statistics frozen")
+    backbone_lr_mult: float = _f(0.1, "lr multiplier of a pretrained or once-frozen "
+                                 "backbone")
+    balance: bool = _f(False, "weight the loss by inverse class frequency")
     # --- optimisation -----------------------------------------------------------
     epochs: int | None = _f(None, "passes over the training set (default: the recipe's, "
                             "scaled to the data set's size)")
@@ -144,8 +151,9 @@ def make_config(recipe: str | None = None, **overrides: Any) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    for name in ("epochs", "batch_size", "eval_batch_size", "translate", "cutout"):
-        low = 0 if name in ("translate", "cutout") else 1
+    for name in ("epochs", "batch_size", "eval_batch_size", "translate", "cutout",
+                 "freeze_epochs"):
+        low = 0 if name in ("translate", "cutout", "freeze_epochs") else 1
         if getattr(cfg, name) is not None and getattr(cfg, name) < low:
             raise SettingsError(f"--{name.replace('_', '-')} must be at least {low}, "
                               f"got {getattr(cfg, name)}")
@@ -157,6 +165,9 @@ def validate(cfg: Config) -> None:
         raise SettingsError(f"--time-budget must be positive seconds, got {cfg.time_budget}")
     if cfg.width is not None:
         parse_widths(cfg.width)
+    if (cfg.pretrained or cfg.freeze_epochs) and not cfg.model.startswith("tv:"):
+        raise SettingsError("--pretrained and --freeze-epochs are for torchvision models: "
+                            "--model tv:NAME (e.g. tv:resnet18)")
     if cfg.image_size is not None and cfg.image_size < 1:
         raise SettingsError(f"--image-size must be positive, got {cfg.image_size}")
     for f in dataclasses.fields(Config):

@@ -42,7 +42,8 @@ def train_one_epoch(model: nn.Module, data: Split, *, optimizer: torch.optim.Opt
                     scheduler, batch_size: int, epoch: int, generator: torch.Generator,
                     augment: Augment, mean, std, runtime: Runtime, label_smoothing: float = 0.0,
                     seed: int = 0, progress: bool = False, ema=None, ema_every: int = 5,
-                    max_batches: int | None = None) -> EpochStats:
+                    max_batches: int | None = None,
+                    class_weights: torch.Tensor | None = None) -> EpochStats:
     """One pass over `data` in a fresh seeded order (or its first `max_batches` batches,
     when a time budget ends the run mid-epoch)."""
     model.train()
@@ -61,7 +62,8 @@ def train_one_epoch(model: nn.Module, data: Split, *, optimizer: torch.optim.Opt
         y = data.labels[index]
         with torch.autocast(device.type, dtype=runtime.dtype, enabled=runtime.autocast):
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits.float(), y, weight=class_weights,
+                                   label_smoothing=label_smoothing)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -74,6 +76,12 @@ def train_one_epoch(model: nn.Module, data: Split, *, optimizer: torch.optim.Opt
         correct += (logits.argmax(1) == y).sum()
         seen += len(index)
     return EpochStats(float(total_loss) / max(seen, 1), float(correct) / max(seen, 1))
+
+
+def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled so a balanced data set gets weight 1 everywhere."""
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).float()
+    return len(labels) / (num_classes * counts.clamp_min(1))
 
 
 def generator_for(cpu_generator: torch.Generator, device: torch.device) -> torch.Generator:

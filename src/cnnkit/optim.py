@@ -21,7 +21,15 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": other, "weight_decay": 0.0},
               {"params": norm_params, "weight_decay": 0.0,
-               "lr": cfg.lr * cfg.norm_bias_lr_mult}]
+               # a from-scratch trick (airbench); a pretrained backbone's norms stay as they are
+               "lr": cfg.lr * (1.0 if hasattr(model, "backbone") else cfg.norm_bias_lr_mult)}]
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and (cfg.pretrained or cfg.freeze_epochs):
+        # fastai's fine_tune: a pretrained backbone learns more slowly than the new head
+        body = {id(p) for p in backbone().parameters()}
+        groups = [dict(g, params=[p for p in g["params"] if (id(p) in body) == is_body],
+                       lr=g.get("lr", cfg.lr) * (cfg.backbone_lr_mult if is_body else 1.0))
+                  for g in groups for is_body in (True, False)]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)

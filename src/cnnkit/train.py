@@ -25,7 +25,7 @@ from .checkpoint import (atomic_write, describe, load, load_weights, read_checkp
 from .config import Config, field_names, fill_recipe_defaults, make_config, parse_widths
 from .data import Dataset, check_source, expected_input, load_dataset
 from .device import Runtime, select_runtime
-from .engine import NonFiniteLoss, batch_order, evaluate, train_one_epoch
+from .engine import NonFiniteLoss, balanced_weights, batch_order, evaluate, train_one_epoch
 from .errors import CnnkitError, Interrupted, SettingsError
 from .models import create_model, model_entry
 from .metrics import evaluation_record
@@ -65,10 +65,8 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     if state is None:
         preflight(cfg)  # every setting checked before any data loads
     cfg, ds, model, model_args, mean, std = prepare(cfg, runtime)
-    if cfg.weights and state is None:
-        load_weights(model, read_checkpoint(cfg.weights),
-                     describe(cfg.model, len(ds.classes), ds.in_channels, ds.image_size),
-                     cfg.weights)
+    if state is None:
+        start_weights(model, cfg, ds)
     model.to(runtime.device, memory_format=runtime.memory_format)
     net = torch.compile(model) if cfg.compile else model
 
@@ -90,6 +88,8 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     ema = build_ema(model, cfg.ema)
+    class_weights = balanced_weights(train_data.labels, len(ds.classes)).to(runtime.device) \
+        if cfg.balance else None
     generator = torch.Generator().manual_seed(cfg.seed)
     result = TrainResult(Path(resume) if resume else None, cfg)
     first_epoch, steps_done = 0, 0
@@ -115,6 +115,8 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
         epoch, ev = first_epoch, None
         try:
             for epoch in range(first_epoch, epochs):
+                if cfg.freeze_epochs and hasattr(model, "set_frozen"):
+                    model.set_frozen(epoch < cfg.freeze_epochs)
                 whiten = getattr(model, "whiten", None)
                 if whiten is not None and whiten.bias is not None:
                     whiten.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
@@ -125,7 +127,8 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
                         batch_size=cfg.batch_size, epoch=epoch, generator=generator,
                         augment=augment, mean=mean, std=std, runtime=runtime,
                         label_smoothing=cfg.label_smoothing, seed=cfg.seed, progress=progress,
-                        ema=ema, max_batches=total_steps - steps_done)
+                        ema=ema, max_batches=total_steps - steps_done,
+                        class_weights=class_weights)
                 except NonFiniteLoss as e:
                     raise CnnkitError(f"training diverged: {e}; the checkpoints in {run_dir} "
                                       f"are from before it (try a lower --lr)") from None
@@ -249,9 +252,33 @@ def preflight(cfg: Config) -> None:
         _check_new_run_dir(Path(cfg.out))
 
 
+def start_weights(model, cfg: Config, ds: Dataset) -> None:
+    """--pretrained (torchvision's ImageNet weights) or --weights FILE: a cnnkit checkpoint,
+    a .safetensors file, or, for a tv: model, a torchvision state_dict."""
+    if cfg.pretrained and not cfg.weights:
+        from .models.tv import pretrained_state
+        model.load_backbone(pretrained_state(cfg.model[3:]), f"ImageNet weights of {cfg.model}")
+    if not cfg.weights:
+        return
+    if hasattr(model, "load_backbone") and not cfg.weights.endswith(".safetensors"):
+        raw = torch.load(cfg.weights, map_location="cpu", weights_only=True) \
+            if Path(cfg.weights).is_file() else None
+        if isinstance(raw, dict) and "state_dict" not in raw:
+            model.load_backbone(raw, cfg.weights)
+            return
+    load_weights(model, read_checkpoint(cfg.weights),
+                 describe(cfg.model, len(ds.classes), ds.in_channels, ds.image_size), cfg.weights)
+
+
 def prepare(cfg: Config, runtime: Runtime):
     """The data and the freshly initialised model a run with these settings trains:
     (config with the recipe's open settings filled, dataset, model, model args, mean, std)."""
+    norm = None
+    if cfg.pretrained:  # the weights' own input size and normalization, unless given
+        from .models.tv import pretrained_info
+        info = pretrained_info(cfg.model[3:])
+        cfg = dataclasses.replace(cfg, image_size=cfg.image_size or info["image_size"])
+        norm = info["mean"], info["std"]
     ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
                       val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict)
     cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type)
@@ -261,6 +288,8 @@ def prepare(cfg: Config, runtime: Runtime):
                          image_size=ds.image_size, **model_args)
     mean, std = channel_stats(ds.train.images) if cfg.normalize else \
         ([0.0] * ds.in_channels, [1.0] * ds.in_channels)
+    if norm is not None and ds.in_channels == 3:
+        mean, std = norm
     if hasattr(model, "init_from_data"):  # e.g. fastnet's patch-whitening conv
         model.init_from_data(to_input(ds.train.images[:10_000], mean, std))
     return cfg, ds, model, model_args, mean, std

@@ -39,8 +39,14 @@ def list_models() -> list[str]:
 
 
 def model_entry(name: str) -> ModelEntry:
+    if name.startswith("tv:"):
+        from . import tv
+        if name not in tv.tv_names():
+            raise unknown_choice("torchvision model", name, tv.tv_names())
+        return ModelEntry(name, lambda num_classes, in_channels, image_size:
+                          tv.build(name, num_classes, in_channels), "torchvision " + name[3:])
     if name not in _REGISTRY:
-        raise unknown_choice("model", name, list_models())
+        raise unknown_choice("model", name, list_models() + ["tv:NAME (see cnnkit models)"])
     return _REGISTRY[name]
 
 

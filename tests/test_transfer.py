@@ -1,0 +1,89 @@
+"""Transfer learning with torchvision models."""
+import pytest
+import torch
+import torchvision
+
+import cnnkit
+from cnnkit.cli import main
+from cnnkit.engine import balanced_weights
+from cnnkit.errors import CnnkitError
+
+
+def test_mobilenet_at_224_on_the_png_sample(png_sample, tmp_path):
+    result = cnnkit.train(data=str(png_sample), model="tv:mobilenet_v3_small", image_size=224,
+                          epochs=1, batch_size=64, out=str(tmp_path / "r"), log=lambda s: None)
+    assert len(result.metrics) == 1 and 0 <= result.metrics[0]["val_acc"] <= 1
+    lm = cnnkit.load(result.run_dir)
+    assert lm.image_size == (224, 224)
+    r = cnnkit.predict(lm, sorted(png_sample.rglob("*.png"))[:2], device="cpu")
+    assert len(r[0]["predictions"]) == 3
+
+
+def _saved_state_dict(tmp_path):
+    torch.manual_seed(1)
+    reference = torchvision.models.mobilenet_v3_small()
+    path = tmp_path / "mobilenet_v3_small.pth"
+    torch.save(reference.state_dict(), path)
+    return path, reference.state_dict()
+
+
+def test_local_torchvision_weights_load_and_frozen_backbone_stays_bitwise(tmp_path):
+    path, reference = _saved_state_dict(tmp_path)
+    settings = dict(data="digits", model="tv:mobilenet_v3_small", image_size=32, batch_size=64,
+                    weights=str(path), seed=0, log=lambda s: None)
+    frozen = cnnkit.train(epochs=1, freeze_epochs=1, out=str(tmp_path / "frozen"), **settings)
+    state = torch.load(frozen.run_dir / "last.pt", weights_only=True)["state_dict"]
+    body = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    head_keys = {"classifier.3.weight", "classifier.3.bias"}
+    assert set(body) == set(reference) - head_keys
+    assert all(torch.equal(body[k], reference[k]) for k in body)  # weights and BN statistics
+    torch.manual_seed(0)
+    fresh = cnnkit.create_model("tv:mobilenet_v3_small", in_channels=1, image_size=32)
+    assert not torch.equal(state["head.weight"], fresh.head.weight)  # the head learned
+    free = cnnkit.train(epochs=1, out=str(tmp_path / "free"), **settings)
+    state = torch.load(free.run_dir / "last.pt", weights_only=True)["state_dict"]
+    assert not all(torch.equal(state["net." + k], reference[k]) for k in body)
+
+
+def test_backbone_gets_the_lower_lr():
+    from cnnkit.config import make_config
+    from cnnkit.optim import build_optimizer
+    model = cnnkit.create_model("tv:resnet18", num_classes=3)
+    opt = build_optimizer(model, make_config(model="tv:resnet18", lr=0.1, freeze_epochs=1,
+                                             backbone_lr_mult=0.1))
+    head = {id(p) for p in model.head.parameters()}
+    for group in opt.param_groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1
+        assert group["lr"] == pytest.approx(0.1 if in_head == {True} else 0.01)
+
+
+def test_balance_weights_are_inverse_frequency():
+    w = balanced_weights(torch.tensor([0, 0, 0, 1, 2, 2]), 3)
+    assert torch.allclose(w, torch.tensor([6 / (3 * 3), 6 / (3 * 1), 6 / (3 * 2)]))
+    assert torch.allclose(balanced_weights(torch.arange(4).repeat(5), 4), torch.ones(4))
+
+
+def test_balance_changes_the_training_loss(tmp_path, png_sample):
+    import shutil
+    root = tmp_path / "imbalanced"
+    shutil.copytree(png_sample / "cat", root / "cat")
+    (root / "dog").mkdir()
+    for f in sorted((png_sample / "dog").glob("*.png"))[:4]:
+        shutil.copy(f, root / "dog" / f.name)
+    runs = [cnnkit.train(data=str(root), recipe="tutorial", model="seed-simple", epochs=1,
+                         balance=b, out=str(tmp_path / str(b)), log=lambda s: None)
+            for b in (False, True)]
+    assert runs[0].metrics[0]["train_loss"] != runs[1].metrics[0]["train_loss"]
+
+
+def test_transfer_errors_are_one_line(capsys):
+    assert main(["train", "--data", "digits", "--model", "tv:resnet8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean tv:resnet18?" in err[0]
+    assert main(["train", "--data", "digits", "--model", "fastnet", "--pretrained"]) == 2
+    assert "tv:NAME" in capsys.readouterr().err
+    assert main(["train", "--data", "digits", "--model", "tv:resnet18", "--pretrained",
+                 "--epochs", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--weights FILE" in err[0], err
