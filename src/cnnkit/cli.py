@@ -272,6 +272,9 @@ def cmd_models(args) -> int:
     for r in rows:
         print(f"{r['name']:<14}{r['parameters']:>12,}{r['flops'] / 1e6:>12.1f}  "
               f"{r['description']}")
+    from .models.tv import tv_names
+    print(f"\ntorchvision models for transfer learning (--model tv:NAME, --pretrained):\n  "
+          + " ".join(tv_names()))
     return 0
 
 

@@ -28,6 +28,10 @@ class Config:
     val_fraction: float | None = _f(None, "hold out this fraction of train for validation "
                                     "(default: the test split if there is one, else 0.2)")
     strict: bool = _f(False, "unreadable images in a folder are an error, not a warning")
+    stream: bool = _f(False, "decode image files in DataLoader workers during training "
+                      "instead of holding them decoded in memory")
+    max_memory: float | None = _f(None, "GB of decoded images to hold in memory; beyond it "
+                                  "image files are streamed (default: a quarter of RAM)")
     # --- the model --------------------------------------------------------------
     model: str = _f("fastnet", "model name (see `cnnkit models`)")
     width: str | None = _f(None, "layer widths, comma-separated (fastnet: 3 block widths, "

@@ -11,7 +11,7 @@ import os
 import pickle
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,63 @@ class Split:
         index = torch.as_tensor(index, dtype=torch.long)
         return Split(self.images[index], self.labels[index])
 
+    def head(self, n: int) -> torch.Tensor:
+        return self.images[:n]
+
+    def iterate(self, batches, device):
+        """(index, uint8 images, labels) per batch of indices, on `device`."""
+        for index in batches:
+            index = index.to(self.labels.device, non_blocking=True)
+            yield index, self.images[index], self.labels[index]
+
+
+class _Files(torch.utils.data.Dataset):
+    """Decode and resize one image file per item (in a DataLoader worker)."""
+
+    def __init__(self, files: list[Path], size, channels: int):
+        self.files, self.size, self.channels = files, size, channels
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return read_image(self.files[i], self.size, self.channels)
+
+
+@dataclass
+class StreamSplit:
+    """A split too big to hold decoded: files decoded, resized and batched by DataLoader
+    worker processes (pinned memory, prefetching); the same batches as a Split would give."""
+    files: list[Path]
+    labels: torch.Tensor
+    size: tuple[int, int]
+    channels: int = 3
+    workers: int = max(1, (os.cpu_count() or 2) - 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), self.channels, *self.size)
+
+    def head(self, n: int) -> torch.Tensor:
+        return torch.stack([read_image(f, self.size, self.channels) for f in self.files[:n]])
+
+    def subset(self, index) -> "StreamSplit":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return StreamSplit([self.files[i] for i in index.tolist()], self.labels[index],
+                           self.size, self.channels, self.workers)
+
+    def iterate(self, batches, device):
+        loader = torch.utils.data.DataLoader(
+            _Files(self.files, self.size, self.channels), batch_sampler=[b.tolist() for b in batches],
+            num_workers=self.workers, pin_memory=torch.device(device).type == "cuda",
+            prefetch_factor=4 if self.workers else None)
+        for index, images in zip(batches, loader):
+            yield (index.to(device), images.to(device, non_blocking=True),
+                   self.labels[index].to(device))
+
 
 @dataclass
 class Dataset:
@@ -49,14 +106,15 @@ class Dataset:
     train: Split
     val: Split          # the official test split, or a held-out part of train
     val_name: str       # "test" or "val"
+    notes: list = field(default_factory=list)  # what the user should be told (e.g. streaming)
 
     @property
     def in_channels(self) -> int:
-        return self.train.images.shape[1]
+        return self.val.images.shape[1]
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return tuple(self.train.images.shape[2:])
+        return tuple(self.val.images.shape[2:])
 
 
 def default_data_dir() -> Path:
@@ -64,9 +122,11 @@ def default_data_dir() -> Path:
 
 
 def load_dataset(source: str, *, data_dir: str | None = None, image_size: int | None = None,
-                 val_fraction: float | None = None, seed: int = 0,
-                 strict: bool = False) -> Dataset:
-    """Load a data source by name or path; see the module docstring for what is accepted."""
+                 val_fraction: float | None = None, seed: int = 0, strict: bool = False,
+                 stream: bool | None = False, max_memory: float | None = None) -> Dataset:
+    """Load a data source by name or path; see the module docstring for what is accepted.
+    Image files are decoded into memory, or, with `stream` (or `stream=None` and more decoded
+    bytes than `max_memory` GB, default a quarter of RAM), streamed from disk in training."""
     key = source.lower()
     if key in DOWNLOADABLE:
         name, classes, train, test = _download(key, Path(data_dir) if data_dir else
@@ -79,14 +139,17 @@ def load_dataset(source: str, *, data_dir: str | None = None, image_size: int | 
         path = check_source(source)
         path = _find_cifar_folder(path) or path
         src = str(path.resolve())
-        name = path.name
+        name = path.stem
+        if path.is_file() or (path / "train").is_dir():
+            return _file_dataset(path, image_size or DEFAULT_FOLDER_SIZE, strict, val_fraction,
+                                 seed, stream, max_memory)
         if (path / "data_batch_1").exists():
             classes, train, test = _local_cifar10(path)
         elif (path / "train").is_file() and (path / "meta").is_file():
             classes, train, test = _local_cifar100(path)
         else:
-            classes, train = _image_folder(path, image_size or DEFAULT_FOLDER_SIZE, strict)
-            test = None
+            return _file_dataset(path, image_size or DEFAULT_FOLDER_SIZE, strict, val_fraction,
+                                 seed, stream, max_memory)
     if image_size is not None:
         train = Split(resize_images(train.images, image_size), train.labels)
         if test is not None:
@@ -113,9 +176,10 @@ def check_source(source: str) -> Path | None:
             raise unknown_choice("data set", source, BUILTIN)
         raise SettingsError(f"data source {source!r} is neither a known data set "
                             f"({', '.join(BUILTIN)}) nor an existing path")
-    if not path.is_dir():
+    if not path.is_dir() and path.suffix.lower() != ".csv":
         raise SettingsError(f"data source {source!r} is a file; pass a folder (an image "
-                            "folder with one subfolder per class, or a CIFAR python folder)")
+                            "folder with one subfolder per class, or a CIFAR python folder) "
+                            "or a CSV of path,label rows")
     return path
 
 
@@ -203,23 +267,49 @@ def image_to_tensor(im: Image.Image, size, channels: int = 3) -> torch.Tensor:
 
 # --- image folders --------------------------------------------------------------------
 
-def _image_folder(root: Path, size: int, strict: bool):
+def _class_folder(root: Path, classes: list[str] | None = None):
+    """(classes, files, labels) of a folder with one subfolder per class. With `classes`
+    (a validation folder), its subfolders must be among them."""
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise CnnkitError(f"image folder {root} has no class subfolders; expected "
                           f"{root}/<class name>/<image files>")
+    names = classes or [d.name for d in class_dirs]
+    unknown = [d.name for d in class_dirs if d.name not in names]
+    if unknown:
+        raise CnnkitError(f"{root} has classes that train/ does not: {', '.join(unknown)}")
     files, labels, empty = [], [], []
-    for label, d in enumerate(class_dirs):
+    for d in class_dirs:
         found = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
                        and not p.name.startswith("."))
         if not found:
             empty.append(d.name)
         files += found
-        labels += [label] * len(found)
+        labels += [names.index(d.name)] * len(found)
     if empty:
         raise CnnkitError(f"class folder(s) with no images in {root}: {', '.join(empty)} "
                           f"(image types: {' '.join(IMAGE_EXTENSIONS)})")
+    return names, files, labels
 
+
+def _csv_listing(path: Path):
+    """(classes, files, labels) from a CSV of `path,label` rows (a header row is allowed);
+    paths are relative to the CSV's folder."""
+    import csv
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2]
+    if not rows or bad:
+        raise CnnkitError(f"{path}: expected rows of path,label"
+                          + (f" (line {bad[0]} is not)" if bad else " (it has none)"))
+    classes = sorted({r[1].strip() for r in rows})
+    files = [(path.parent / r[0].strip()) for r in rows]
+    return classes, files, [classes.index(r[1].strip()) for r in rows]
+
+
+def _decode_all(files, labels, size, strict: bool, where) -> Split:
     def decode(path):
         try:
             if path.is_dir():
@@ -230,18 +320,89 @@ def _image_folder(root: Path, size: int, strict: bool):
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         decoded = list(pool.map(decode, files))
-    bad = [d for d in decoded if isinstance(d, str)]
+    keep = _report_unreadable([d if isinstance(d, str) else None for d in decoded], strict,
+                              where)
+    return Split(torch.stack([decoded[i] for i in keep]),
+                 torch.tensor([labels[i] for i in keep], dtype=torch.long))
+
+
+def _check_readable(path: Path) -> str | None:
+    """Open and verify a file without decoding its pixels (for streamed data sets)."""
+    try:
+        if path.is_dir():
+            raise IsADirectoryError("a directory, not an image")
+        with Image.open(path) as im:
+            im.verify()
+        return None
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError,
+            SyntaxError) as e:
+        return f"{path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
+def _report_unreadable(problems: list, strict: bool, where) -> list[int]:
+    bad = [p for p in problems if p]
     if bad:
         if strict:
             raise CnnkitError(f"{len(bad)} unreadable image(s) with --strict: {'; '.join(bad)}")
         warnings.warn(f"skipped {len(bad)} unreadable image(s): {'; '.join(bad)}",
-                      CnnkitWarning, stacklevel=3)
-    keep = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+                      CnnkitWarning, stacklevel=4)
+    keep = [i for i, p in enumerate(problems) if not p]
     if not keep:
-        raise CnnkitError(f"no readable images in {root}")
-    images = torch.stack([decoded[i] for i in keep])
-    targets = torch.tensor([labels[i] for i in keep], dtype=torch.long)
-    return [d.name for d in class_dirs], Split(images, targets)
+        raise CnnkitError(f"no readable images in {where}")
+    return keep
+
+
+def memory_budget() -> float:
+    """Bytes of decoded images to hold in memory at most: a quarter of RAM."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+    except (ValueError, OSError, AttributeError):
+        return 4e9
+
+
+def _file_dataset(path: Path, size: int, strict: bool, val_fraction, seed, stream,
+                  max_memory) -> Dataset:
+    """An image folder (class subfolders), a folder with train/ and val/ (or test/), or a CSV."""
+    if path.is_file():
+        classes, files, labels = _csv_listing(path)
+        parts = {"train": (files, labels)}
+    elif (path / "train").is_dir():
+        classes, files, labels = _class_folder(path / "train")
+        parts = {"train": (files, labels)}
+        for held in ("val", "test"):
+            if (path / held).is_dir():
+                parts[held] = _class_folder(path / held, classes)[1:]
+                break
+    else:
+        classes, files, labels = _class_folder(path)
+        parts = {"train": (files, labels)}
+    size = (size, size)
+    total = sum(len(f) for f, _ in parts.values()) * 3 * size[0] * size[1]
+    budget = (max_memory * 1e9) if max_memory else memory_budget()
+    streaming = stream if stream is not None else total > budget
+    notes = []
+    if streaming and stream is None:
+        notes.append(f"streaming the images from disk: decoded they would take "
+                     f"{total / 1e9:.1f} GB, over the {budget / 1e9:.1f} GB memory budget "
+                     "(--max-memory)")
+    train_files, train_labels = parts["train"]
+    if streaming:
+        keep = _report_unreadable([_check_readable(f) for f in train_files], strict, path)
+        train = StreamSplit([train_files[i] for i in keep],
+                            torch.tensor([train_labels[i] for i in keep]), size)
+    else:
+        train = _decode_all(train_files, train_labels, size, strict, path)
+    held = next((k for k in ("val", "test") if k in parts), None)
+    if held and val_fraction is None:
+        val = _decode_all(*parts[held], size, strict, path / held)
+        return Dataset(path.stem, str(path.resolve()), classes, train, val, held, notes)
+    train_idx, val_idx = stratified_split(train.labels, val_fraction or DEFAULT_VAL_FRACTION,
+                                          seed)
+    val = train.subset(val_idx)
+    if isinstance(val, StreamSplit):  # validation is held in memory: it is drawn on
+        val = Split(val.head(len(val)), val.labels)
+    return Dataset(path.stem, str(path.resolve()), classes, train.subset(train_idx), val,
+                   "val", notes)
 
 
 # --- local CIFAR copies ---------------------------------------------------------------

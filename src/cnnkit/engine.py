@@ -1,7 +1,8 @@
 """Train one epoch and evaluate, over data held as uint8 tensors on the training device.
 
 Batches are indexed straight out of the tensor in a seeded order and augmented as whole
-batches: no DataLoader, no per-image Python in the loop.
+batches: no DataLoader, no per-image Python in the loop. A data set too big for memory
+(data.StreamSplit) gives the same batches from DataLoader workers instead.
 """
 from __future__ import annotations
 
@@ -52,14 +53,13 @@ def train_one_epoch(model: nn.Module, data: Split, *, optimizer: torch.optim.Opt
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     batches = batch_order(len(data), batch_size, generator)[:max_batches]
-    for step, index in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False,
-                                      disable=not progress, unit="batch")):
-        index = index.to(device, non_blocking=True)
-        x = to_input(data.images[index], mean, std)
+    stream = tqdm(data.iterate(batches, device), total=len(batches), desc=f"epoch {epoch}",
+                  leave=False, disable=not progress, unit="batch")
+    for step, (index, images, y) in enumerate(stream):
+        x = to_input(images, mean, std)
         if augment.active:
             x = augment(x, index, epoch, generator_for(generator, device), seed)
         x = x.contiguous(memory_format=runtime.memory_format)
-        y = data.labels[index]
         with torch.autocast(device.type, dtype=runtime.dtype, enabled=runtime.autocast):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, weight=class_weights,
@@ -125,10 +125,8 @@ def evaluate(model: nn.Module, data: Split, *, mean, std, runtime: Runtime, num_
              batch_size: int = 500, tta: int = 0, mirror: bool = True) -> EvalResult:
     model.eval()
     probs, total_loss = [], 0.0
-    for start in range(0, len(data), batch_size):
-        x = to_input(data.images[start:start + batch_size].to(runtime.device), mean, std,
-                     memory_format=runtime.memory_format)
-        y = data.labels[start:start + batch_size].to(runtime.device)
+    for _, images, y in data.iterate(torch.arange(len(data)).split(batch_size), runtime.device):
+        x = to_input(images, mean, std, memory_format=runtime.memory_format)
         with torch.autocast(runtime.device.type, dtype=runtime.dtype, enabled=runtime.autocast):
             logits = tta_logits(model, x, tta, mirror).float()
         total_loss += float(F.cross_entropy(logits, y, reduction="sum"))

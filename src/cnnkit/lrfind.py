@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from .config import make_config
-from .data import Split
 from .device import Runtime, select_runtime
 from .engine import batch_order
 from .optim import build_optimizer
@@ -19,7 +18,7 @@ from .plots import plot_lr_find
 from .transforms import Augment, to_input
 
 
-def lr_range_test(model, optimizer, data: Split, *, mean, std, runtime: Runtime,
+def lr_range_test(model, optimizer, data, *, mean, std, runtime: Runtime,
                   batch_size: int, augment: Augment, start: float = 1e-7, end: float = 10.0,
                   steps: int = 100, seed: int = 0, smooth: float = 0.98) -> dict:
     """Train for up to `steps` batches with lr from `start` to `end` (exponentially), stop
@@ -35,15 +34,15 @@ def lr_range_test(model, optimizer, data: Split, *, mean, std, runtime: Runtime,
         batches = []
         while len(batches) < steps:
             batches += batch_order(len(data), batch_size, generator)
-        for step, index in enumerate(batches[:steps]):
+        for step, (index, images, labels) in enumerate(data.iterate(batches[:steps],
+                                                                    runtime.device)):
             lr = start * (end / start) ** (step / max(steps - 1, 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            index = index.to(runtime.device)
-            x = to_input(data.images[index], mean, std)
+            x = to_input(images, mean, std)
             x = augment(x, index, 0, generator, seed) if augment.active else x
             x = x.contiguous(memory_format=runtime.memory_format)
-            loss = F.cross_entropy(model(x), data.labels[index])
+            loss = F.cross_entropy(model(x), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -84,7 +83,7 @@ def lr_find(out: str | Path = "lr-find.png", *, steps: int = 100, start: float =
     preflight(dataclasses.replace(cfg, out=None))
     cfg, ds, model, _, mean, std = prepare(cfg, runtime)
     model.to(runtime.device, memory_format=runtime.memory_format)
-    data = Split(ds.train.images.to(runtime.device), ds.train.labels.to(runtime.device))
+    data = ds.train
     result = lr_range_test(model, build_optimizer(model, cfg), data, mean=mean, std=std,
                            runtime=runtime, batch_size=cfg.batch_size,
                            augment=Augment(cfg.flip, cfg.translate, cfg.cutout),

@@ -23,7 +23,7 @@ from . import __version__
 from .checkpoint import (atomic_write, describe, load, load_weights, read_checkpoint,
                          save_checkpoint)
 from .config import Config, field_names, fill_recipe_defaults, make_config, parse_widths
-from .data import Dataset, check_source, expected_input, load_dataset
+from .data import Dataset, Split, check_source, expected_input, load_dataset
 from .device import Runtime, select_runtime
 from .engine import NonFiniteLoss, balanced_weights, batch_order, evaluate, train_one_epoch
 from .errors import CnnkitError, Interrupted, SettingsError
@@ -103,6 +103,8 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
         if state is None:
             meta = _run_meta(cfg, ds, mean, std, run_dir, model_args)
             atomic_write(run_dir / "config.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        for note in ds.notes:
+            log(note)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"data: {ds.name}: {len(ds.train)} train, {len(ds.val)} {ds.val_name} images, "
             f"{len(ds.classes)} classes, {ds.in_channels}×{ds.image_size[0]}×{ds.image_size[1]}")
@@ -221,7 +223,7 @@ def _tensorboard(run_dir: Path, train_data, ds: Dataset):
         raise SettingsError("--tensorboard needs the tensorboard package: "
                             "pip install 'cnnkit[tensorboard]'") from None
     writer = SummaryWriter(str(run_dir / "tensorboard"))
-    writer.add_images("train/batch", train_data.images[:32].cpu(), 0)
+    writer.add_images("train/batch", train_data.head(32).cpu(), 0)
     return writer
 
 
@@ -280,18 +282,19 @@ def prepare(cfg: Config, runtime: Runtime):
         cfg = dataclasses.replace(cfg, image_size=cfg.image_size or info["image_size"])
         norm = info["mean"], info["std"]
     ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
-                      val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict)
+                      val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict,
+                      stream=True if cfg.stream else None, max_memory=cfg.max_memory)
     cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type)
     torch.manual_seed(cfg.seed)
     model_args = {"widths": list(parse_widths(cfg.width))} if cfg.width else {}
     model = create_model(cfg.model, num_classes=len(ds.classes), in_channels=ds.in_channels,
                          image_size=ds.image_size, **model_args)
-    mean, std = channel_stats(ds.train.images) if cfg.normalize else \
+    mean, std = channel_stats(ds.train.head(50_000)) if cfg.normalize else \
         ([0.0] * ds.in_channels, [1.0] * ds.in_channels)
     if norm is not None and ds.in_channels == 3:
         mean, std = norm
     if hasattr(model, "init_from_data"):  # e.g. fastnet's patch-whitening conv
-        model.init_from_data(to_input(ds.train.images[:10_000], mean, std))
+        model.init_from_data(to_input(ds.train.head(10_000), mean, std))
     return cfg, ds, model, model_args, mean, std
 
 
@@ -338,7 +341,9 @@ def plan_steps(net, data, cfg: Config, augment, mean, std, runtime: Runtime,
 
 
 def _to_device(split, runtime: Runtime):
-    from .data import Split
+    """In-memory data moves to the training device once; streamed data stays on disk."""
+    if not isinstance(split, Split):
+        return split
     return Split(split.images.to(runtime.device), split.labels.to(runtime.device))
 
 
