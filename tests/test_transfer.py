@@ -87,3 +87,19 @@ def test_transfer_errors_are_one_line(capsys):
                  "--epochs", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--weights FILE" in err[0], err
+
+
+def test_pretrained_weights_set_the_input_size_and_normalization():
+    from cnnkit.config import make_config
+    from cnnkit.device import select_runtime
+    from cnnkit.train import prepare
+    cfg, ds, model, _, mean, std = prepare(
+        make_config(data="digits", model="tv:resnet18", pretrained=True), select_runtime("cpu"))
+    assert cfg.image_size == 224 and ds.image_size == (224, 224)
+    # digits are grey: one channel keeps the data set's own statistics, not ImageNet's
+    assert len(mean) == 1
+    cfg, ds, model, _, mean, std = prepare(
+        make_config(data=str(__import__("conftest").shared_data() / "cifar10-png-sample"),
+                    model="tv:resnet18", pretrained=True, image_size=64), select_runtime("cpu"))
+    assert ds.image_size == (64, 64)
+    assert mean == pytest.approx([0.485, 0.456, 0.406]) and std == pytest.approx([0.229, 0.224, 0.225])
