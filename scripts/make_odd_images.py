@@ -120,8 +120,8 @@ def make_corpus(out: str | Path) -> dict[str, str]:
         (out / name).write_bytes(make())
         expected[name] = outcome
     (out / "directory.png").mkdir(exist_ok=True)
-    (out / "link-to-good.png").symlink_to(out / "name with spaces.png")
-    (out / "dangling-link.png").symlink_to(out / "does-not-exist.png")
+    (out / "link-to-good.png").symlink_to("name with spaces.png")  # relative to its folder
+    (out / "dangling-link.png").symlink_to("does-not-exist.png")
     no_perm = out / "no-permission.png"
     no_perm.write_bytes(_png_bytes(_gradient(20, 20)))
     no_perm.chmod(0)
