@@ -187,7 +187,7 @@ def test_safetensors_export_loads_to_identical_logits(tmp_path, png_run, png_sam
     out = tmp_path / "model.safetensors"
     assert main(["export", str(png_run.run_dir), "--format", "safetensors", "--out",
                  str(out)]) == 0
-    assert main(["export", str(png_run.run_dir), "--out", str(out)]) == 1  # never overwrite
+    assert main(["export", str(png_run.run_dir), "--out", str(out)]) == 2  # never overwrite
     a, b = cnnkit.load(png_run.run_dir), cnnkit.load(out)
     x = torch.rand(4, 3, 32, 32)
     assert torch.equal(a.model(x), b.model(x)) and a.classes == b.classes

@@ -139,10 +139,15 @@ class LoadedModel:
     std: list[float]
     config: dict = field(default_factory=dict)
     path: str = ""
+    takes_pixels: bool = False  # an exported model that normalizes uint8 pixels itself
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild a model from a run folder, checkpoint or safetensors file, in eval mode."""
+    """Rebuild a model from a run folder, checkpoint or safetensors file, in eval mode; an
+    exported .onnx file loads for inference with onnxruntime."""
+    if str(path).endswith(".onnx"):
+        from .export import load_onnx
+        return load_onnx(path)
     ckpt = read_checkpoint(path)
     size = tuple(ckpt["image_size"])
     model = create_model(ckpt["model"], num_classes=len(ckpt["classes"]),

@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a run's weights in another format")
     x.add_argument("run", help="a run folder or checkpoint file")
-    x.add_argument("--format", default="safetensors", choices=["safetensors"])
+    x.add_argument("--format", default="onnx", help="onnx (default), torchscript or "
+                   "safetensors; onnx and torchscript take uint8 pixels, include "
+                   "normalization and carry the class names")
     x.add_argument("--out", required=True, help="the file to write (never overwritten)")
     x.set_defaults(func=cmd_export)
     return p
@@ -280,7 +282,10 @@ def cmd_models(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import export
-    print(f"saved {export(args.run, args.out, fmt=args.format)}")
+    out = export(args.run, args.out, fmt=args.format)
+    verified = "" if args.format == "safetensors" else \
+        " (verified against PyTorch on real images: logits within 1e-4)"
+    print(f"saved {out}{verified}")
     return 0
 
 

@@ -1,21 +1,152 @@
-"""`export`: a run's model in another format. safetensors now; ONNX and TorchScript next."""
+"""`export`: a trained model for other runtimes. Every export takes uint8 pixels
+(N, C, H, W) with a dynamic batch dimension, normalizes them itself, returns logits, carries
+its class names and input size, and is verified against PyTorch when written."""
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
-from .checkpoint import read_checkpoint, save_safetensors
-from .errors import CnnkitError, unknown_choice
+import torch
+import torch.nn as nn
 
-FORMATS = ("safetensors",)
+from . import __version__
+from .checkpoint import LoadedModel, load, read_checkpoint, save_safetensors
+from .errors import CnnkitError, SettingsError, unknown_choice
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+TOLERANCE = 1e-4
 
 
-def export(run, out: str | Path, *, fmt: str = "safetensors") -> Path:
+class PixelModel(nn.Module):
+    """uint8 pixels in, logits out: normalization travels inside the exported model."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model((pixels.float() / 255 - self.mean) / self.std)
+
+
+def metadata(lm: LoadedModel) -> dict:
+    return {"classes": lm.classes, "input_size": [lm.in_channels, *lm.image_size],
+            "input": "uint8 pixels, N×C×H×W", "output": "logits (softmax gives probabilities)",
+            "model": lm.name, "cnnkit_version": __version__}
+
+
+def export(run, out: str | Path, *, fmt: str = "onnx", check_images: torch.Tensor | None = None
+           ) -> Path:
+    """Write `run` (a run folder or checkpoint) as `fmt` to `out` and verify it."""
     if fmt not in FORMATS:
         raise unknown_choice("export format", fmt, FORMATS)
     out = Path(out)
     if out.exists():
-        raise CnnkitError(f"{out} already exists; cnnkit never overwrites a file: pick "
-                          "another --out")
-    ckpt = read_checkpoint(run)
-    save_safetensors(out, ckpt)
+        raise SettingsError(f"{out} already exists; cnnkit never overwrites a file: pick "
+                            "another --out")
+    if fmt == "safetensors":
+        save_safetensors(out, read_checkpoint(run))
+        return out
+    lm = load(run, "cpu")
+    wrapped = PixelModel(lm.model, lm.mean, lm.std).eval()
+    images = check_images if check_images is not None else _real_images(lm)
+    example = images[:2]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if fmt == "onnx":
+                _write_onnx(wrapped, example, out, metadata(lm))
+            else:
+                traced = torch.jit.trace(wrapped, example)
+                traced.save(str(out), _extra_files={"cnnkit.json": json.dumps(metadata(lm))})
+            worst = _largest_difference(wrapped, load_exported(out, fmt), images)
+    except CnnkitError:
+        out.unlink(missing_ok=True)
+        raise
+    except Exception as e:  # an exporter's failure: one line, nothing half-written left
+        out.unlink(missing_ok=True)
+        raise CnnkitError(f"{fmt} export of {lm.name} failed: "
+                          f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
+                          ) from None
+    if worst > TOLERANCE:
+        out.unlink(missing_ok=True)
+        raise CnnkitError(f"{fmt} export does not match PyTorch: largest difference "
+                          f"{worst:.3g} in the logits (tolerance {TOLERANCE:g}); nothing written")
     return out
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> None:
+    import onnx
+    torch.onnx.export(model, (example,), str(out), input_names=["pixels"],
+                      output_names=["logits"], dynamo=False,
+                      dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}})
+    proto = onnx.load(str(out))
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(proto, str(out))
+
+
+def _real_images(lm: LoadedModel, n: int = 32) -> torch.Tensor:
+    """Validation images of the run's own data, to verify the export on; random pixels only
+    when that data is no longer there."""
+    from .data import load_dataset
+    cfg = lm.config
+    try:
+        ds = load_dataset(cfg.get("data_source") or cfg["data"], data_dir=cfg.get("data_dir"),
+                          image_size=lm.image_size[0], val_fraction=cfg.get("val_fraction"),
+                          seed=cfg.get("seed", 0))
+        return ds.val.images[:n]
+    except (CnnkitError, KeyError, OSError):
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, 256, (n, lm.in_channels, *lm.image_size), generator=g,
+                             dtype=torch.uint8)
+
+
+class OnnxModel:
+    """An exported ONNX model run by onnxruntime, called like a module on uint8 pixels."""
+
+    def __init__(self, path: Path):
+        import onnxruntime
+        self.session = onnxruntime.InferenceSession(str(path),
+                                                    providers=["CPUExecutionProvider"])
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.meta = {k: json.loads(v) for k, v in props.items()}
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {"pixels": pixels.cpu().numpy()})[0]
+        return torch.from_numpy(out)
+
+    def eval(self):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self
+
+
+def load_exported(path: Path, fmt: str):
+    if fmt == "onnx":
+        return OnnxModel(path)
+    return torch.jit.load(str(path)).eval()
+
+
+@torch.no_grad()
+def _largest_difference(reference: nn.Module, exported, images: torch.Tensor) -> float:
+    worst = 0.0
+    for batch in (images[:1], images):  # a batch of one and a larger one: dynamic batch
+        worst = max(worst, float((exported(batch) - reference(batch)).abs().max()))
+    return worst
+
+
+def load_onnx(path: str | Path) -> LoadedModel:
+    """An exported .onnx file as a LoadedModel that takes pixels (for `cnnkit predict`)."""
+    model = OnnxModel(Path(path))
+    meta = model.meta
+    if "classes" not in meta or "input_size" not in meta:
+        raise CnnkitError(f"{path} is an ONNX model without cnnkit's metadata (classes, input "
+                          "size); export it with `cnnkit export --format onnx`")
+    c, h, w = meta["input_size"]
+    return LoadedModel(model, meta.get("model", "onnx"), meta["classes"], (h, w), c,
+                       [0.0] * c, [1.0] * c, {}, str(path), takes_pixels=True)

@@ -55,7 +55,7 @@ def predict_tensor(lm: LoadedModel, images: torch.Tensor, device, batch_size: in
     """Softmax probabilities (N, K) for a uint8 batch already at the model's input size."""
     out = []
     for chunk in images.split(batch_size):
-        x = to_input(chunk.to(device), lm.mean, lm.std)
+        x = chunk if lm.takes_pixels else to_input(chunk.to(device), lm.mean, lm.std)
         out.append(lm.model(x).float().softmax(1).cpu())
     return torch.cat(out)
 
