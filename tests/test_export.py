@@ -1,4 +1,5 @@
 """ONNX and TorchScript exports: dynamic batch, normalization inside, verified on writing."""
+import importlib
 import json
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_predict_with_onnx_prints_what_the_run_prints(png_run, png_sample, tmp_p
 
 def test_an_export_that_does_not_match_fails_naming_the_difference(png_run, tmp_path,
                                                                    monkeypatch):
-    import cnnkit.export as ex
+    ex = importlib.import_module("cnnkit.export")
     real = ex.load_exported
 
     def off_by_a_bit(path, fmt):

@@ -8,10 +8,11 @@ from .errors import CnnkitError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .models import create_model, list_models, register_model  # noqa: E402
 from .plots import show_batch  # noqa: E402
+from .export import export  # noqa: E402
 from .predict import predict  # noqa: E402
 from .lrfind import lr_find  # noqa: E402
 from .train import train  # noqa: E402
 
 __all__ = ["Config", "RECIPES", "CnnkitError", "Dataset", "LoadedModel", "Split",
            "create_model", "evaluate", "list_models", "load", "load_dataset", "make_config",
-           "lr_find", "predict", "register_model", "show_batch", "train"]
+           "export", "lr_find", "predict", "register_model", "show_batch", "train"]

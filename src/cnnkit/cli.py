@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--json", action="store_true")
     rs.set_defaults(func=cmd_runs)
 
+    sv = sub.add_parser("serve", help="an HTTP API and a web page for a trained model")
+    sv.add_argument("model", metavar="RUN_OR_EXPORT")
+    sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-upload-mb", type=float, default=10.0)
+    sv.set_defaults(func=cmd_serve)
+
     su = sub.add_parser("summary", help="per-layer output shapes, parameters and FLOPs")
     su.add_argument("model", metavar="MODEL_OR_RUN")
     su.add_argument("--image-size", type=int)
@@ -222,6 +229,12 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    return 0
+
+
 def cmd_summary(args) -> int:
     from .summary import format_summary, summary
     s = summary(args.model, image_size=args.image_size, in_channels=args.in_channels,
@@ -275,7 +288,7 @@ def cmd_models(args) -> int:
         print(f"{r['name']:<14}{r['parameters']:>12,}{r['flops'] / 1e6:>12.1f}  "
               f"{r['description']}")
     from .models.tv import tv_names
-    print(f"\ntorchvision models for transfer learning (--model tv:NAME, --pretrained):\n  "
+    print("\ntorchvision models for transfer learning (--model tv:NAME, --pretrained):\n  "
           + " ".join(tv_names()))
     return 0
 

@@ -1,0 +1,107 @@
+"""The real server on a free localhost port: answers, limits, and the web page in Chromium."""
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+import cnnkit
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(png_run):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "serve", str(png_run.run_dir),
+                             "--port", str(port), "--max-upload-mb", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _post(url, *files, **params):
+    return httpx.post(f"{url}/predict", params=params, timeout=60,
+                      files=[("files", (name, data)) for name, data in files])
+
+
+def test_predictions_equal_cnnkit_predict(server, png_run, png_sample):
+    paths = sorted(png_sample.rglob("*.png"))[:8]
+    r = _post(server, *[(p.name, p.read_bytes()) for p in paths], top_k=3)
+    assert r.status_code == 200
+    local = cnnkit.predict(png_run.run_dir, paths, device="cpu")
+    for got, want in zip(r.json(), local):
+        assert got["file"] == want["file"].split("/")[-1]
+        assert [p["class"] for p in got["predictions"]] == [p["class"] for p in want["predictions"]]
+        for a, b in zip(got["predictions"], want["predictions"]):
+            assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
+
+
+def test_model_health_and_schema(server, png_run):
+    info = httpx.get(f"{server}/model").json()
+    assert info["classes"] == cnnkit.load(png_run.run_dir).classes
+    assert info["input_size"] == [3, 32, 32] and 0 <= info["val_accuracy"] <= 1
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
+    assert "/predict" in httpx.get(f"{server}/openapi.json").json()["paths"]
+    page = httpx.get(f"{server}/").text
+    assert "<script>" in page and "http://" not in page and "https://" not in page
+
+
+def test_limits_answer_with_their_codes_and_the_server_lives_on(server, tmp_path):
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("odd", ROOT / "scripts" / "make_odd_images.py")
+    odd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(odd)
+    assert _post(server, ("big.png", b"\0" * (2 * 1024 * 1024))).status_code == 413
+    r = _post(server, ("notes.jpg", b"just text"))
+    assert r.status_code == 415 and "not an image" in r.json()["detail"]
+    r = _post(server, ("bomb.png", odd._bomb_png()))
+    assert r.status_code == 400 and "decompression bomb" in r.json()["detail"]
+    assert _post(server, ("trunc.png", odd._half(odd._png_bytes(odd._gradient(64, 64))))
+                 ).status_code == 415
+    assert httpx.post(f"{server}/predict").status_code == 422
+    bad = httpx.post(f"{server}/predict", content=b"garbage",
+                     headers={"content-type": "multipart/form-data; boundary=xx"})
+    assert 400 <= bad.status_code < 500
+    assert httpx.post(f"{server}/predict?top_k=0",
+                      files=[("files", ("a.png", odd._png_bytes(odd._gradient(8, 8))))]
+                      ).status_code == 422
+    assert httpx.get(f"{server}/healthz").status_code == 200
+
+
+def test_page_in_headless_chromium_shows_the_apis_top_class(server, png_sample, tmp_path):
+    from playwright.sync_api import sync_playwright
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser_path, "Debian's chromium is needed (make test installs it)"
+    image = sorted(png_sample.rglob("*.png"))[3]
+    api_top = _post(server, (image.name, image.read_bytes()), top_k=5).json()[0][
+        "predictions"][0]["class"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(server + "/")
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#top-class", timeout=30_000)
+        shown = page.inner_text("#top-class")
+        page.screenshot(path=str(tmp_path / "page.png"))
+        browser.close()
+    assert shown == api_top
