@@ -140,6 +140,7 @@ class LoadedModel:
     config: dict = field(default_factory=dict)
     path: str = ""
     takes_pixels: bool = False  # an exported model that normalizes uint8 pixels itself
+    metrics: dict = field(default_factory=dict)  # the saved epoch's metrics (val_acc, ...)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -158,4 +159,4 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     model.to(device).eval()
     return LoadedModel(model, ckpt["model"], list(ckpt["classes"]), size,
                        ckpt["in_channels"], list(ckpt["mean"]), list(ckpt["std"]),
-                       ckpt.get("config", {}), str(path))
+                       ckpt.get("config", {}), str(path), metrics=ckpt.get("metrics") or {})

@@ -22,7 +22,6 @@ def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0) -
     lm = model if isinstance(model, LoadedModel) else load(model, "cpu")
     limit = int(max_upload_mb * 1024 * 1024)
     app = FastAPI(title="cnnkit", description=f"{lm.name}: {len(lm.classes)} classes")
-    metrics = lm.config and _val_accuracy(lm)
 
     @app.middleware("http")
     async def refuse_large_bodies(request: Request, call_next):
@@ -43,7 +42,8 @@ def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0) -
     @app.get("/model")
     def model_info():
         return {"model": lm.name, "classes": lm.classes,
-                "input_size": [lm.in_channels, *lm.image_size], "val_accuracy": metrics}
+                "input_size": [lm.in_channels, *lm.image_size],
+                "val_accuracy": lm.metrics.get("val_acc")}
 
     @app.post("/predict")
     def predict_files(files: list[UploadFile] = File(...),
@@ -79,14 +79,6 @@ def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0) -
         return PAGE.read_text(encoding="utf-8")
 
     return app
-
-
-def _val_accuracy(lm: LoadedModel):
-    from .checkpoint import read_checkpoint
-    try:
-        return read_checkpoint(lm.path).get("metrics", {}).get("val_acc")
-    except Exception:  # noqa: BLE001 - an export without metrics
-        return None
 
 
 def serve(model, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10.0,
