@@ -1,6 +1,6 @@
 import torch
 
-from cnnkit.transforms import Augment, channel_stats, cutout, flip_where, random_translate, to_input
+from cnnkit.transforms import Augment, channel_stats, flip_where, to_input
 
 
 def _batch(n=6, c=3, h=8, w=10):
@@ -47,8 +47,7 @@ def test_alternate_flip_sees_every_image_both_ways_in_two_epochs():
 def test_translate_stays_in_bounds_and_is_a_shift_of_the_padded_image():
     x = _batch()
     pad = 2
-    g = torch.Generator().manual_seed(0)
-    y = random_translate(x, pad, g)
+    y = Augment(translate=pad)(x, torch.arange(len(x)), 0, torch.Generator().manual_seed(0))
     assert y.shape == x.shape
     padded = torch.nn.functional.pad(x, (pad,) * 4, mode="reflect")
     shifts = set()
@@ -58,18 +57,19 @@ def test_translate_stays_in_bounds_and_is_a_shift_of_the_padded_image():
         assert match, f"image {i} is not a crop of its padded self"
         shifts.add(match[0])
     assert len(shifts) > 1
-    assert torch.equal(random_translate(x, 2, torch.Generator().manual_seed(0)), y)
+    assert torch.equal(Augment(translate=2)(x, torch.arange(len(x)), 0,
+                                            torch.Generator().manual_seed(0)), y)
 
 
 def test_uint8_translate_keeps_dtype():
     x = torch.randint(0, 256, (4, 3, 6, 6), dtype=torch.uint8)
-    y = random_translate(x, 1, torch.Generator().manual_seed(1))
+    y = Augment(translate=1)(x, torch.arange(4), 0, torch.Generator().manual_seed(1))
     assert y.dtype == torch.uint8 and y.shape == x.shape
 
 
 def test_cutout_zeroes_one_square_per_image():
     x = torch.ones(50, 1, 12, 12)
-    y = cutout(x, 4, torch.Generator().manual_seed(0))
+    y = Augment(cutout=4)(x, torch.arange(50), 0, torch.Generator().manual_seed(0))
     zeros = (y == 0).flatten(1).sum(1)
     assert (zeros <= 16).all() and (zeros > 0).all() and (zeros == 16).any()
     assert ((y == 0) | (y == 1)).all()
@@ -82,3 +82,16 @@ def test_same_seed_same_augmented_batch():
     b = aug(x, torch.arange(16), 0, torch.Generator().manual_seed(5))
     c = aug(x, torch.arange(16), 0, torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_a_share_of_a_batch_gets_the_draws_the_whole_batch_gives_it():
+    # Under DDP each process augments only its rows of the global batch, with draws made
+    # for the whole batch: the result is the whole batch's augmentation, row for row.
+    x = _batch(n=10)
+    index = torch.arange(100, 110)
+    aug = Augment(flip="random", translate=2, cutout=3)
+    whole = aug(x, index, 3, torch.Generator().manual_seed(7))
+    draws = aug.sample(10, x.shape[2:], torch.Generator().manual_seed(7), x.device)
+    parts = [aug.apply(x[rows], index[rows], 3, {k: v[rows] for k, v in draws.items()})
+             for rows in torch.arange(10).tensor_split(3)]
+    assert torch.equal(torch.cat(parts), whole)

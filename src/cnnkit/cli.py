@@ -7,11 +7,11 @@ import json
 import signal
 import sys
 import threading
-import warnings
 
 from . import __version__
 from .config import RECIPES, Config, make_config
-from .errors import CnnkitError, Interrupted
+from .distributed import from_env, quiet_unless_main
+from .errors import CnnkitError, Interrupted, SettingsError, one_line_warnings
 
 
 def _config_flags(parser: argparse.ArgumentParser, skip=()) -> None:
@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model; prints accuracy per epoch")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
-                   "completed epoch, with its own settings")
+                   "completed epoch, with its own settings (and any number of processes)")
+    t.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this "
+                   "machine (DDP: one per GPU, or sharing the CPU cores); --batch-size stays "
+                   "the global batch. Same as torchrun --nproc-per-node N -m cnnkit train")
     _config_flags(t)
     t.set_defaults(func=cmd_train)
 
@@ -164,9 +167,9 @@ def _overrides(args) -> dict:
 def cmd_train(args) -> int:
     from .train import train
     if args.resume:
-        train(resume=args.resume, **_overrides(args))
+        train(resume=args.resume, nproc=args.nproc, **_overrides(args))
     else:
-        train(make_config(**_overrides(args)))
+        train(make_config(**_overrides(args)), nproc=args.nproc)
     return 0
 
 
@@ -308,10 +311,6 @@ def cmd_recipes(args) -> int:
     return 0
 
 
-def _warn_one_line(message, category, filename, lineno, file=None, line=None):
-    print(f"cnnkit: warning: {message}", file=sys.stderr)
-
-
 class _Signals:
     """SIGTERM is turned into KeyboardInterrupt, so training stops the same clean way as on
     Ctrl-C; the exit status still tells which it was (130 or 143)."""
@@ -325,14 +324,20 @@ class _Signals:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.showwarning = _warn_one_line
+    one_line_warnings()
+    rank = from_env()  # under torchrun: which process this is
+    quiet_unless_main(rank)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _Signals.on_term)
     try:
         return args.func(args)
     except CnnkitError as e:
-        print(f"cnnkit: error: {e}", file=sys.stderr)
+        # A mistake in the settings, or an error rank 0 reports too, is told once (by rank 0).
+        if rank.main:
+            print(f"cnnkit: error: {e}", file=sys.stderr)
+        elif not (getattr(e, "echo", False) or isinstance(e, SettingsError)):
+            print(f"cnnkit: error: rank {rank.rank}: {e}", file=sys.stderr)
         if isinstance(e, Interrupted):
             return 143 if _Signals.terminated else 130
         return e.exit_code

@@ -50,9 +50,9 @@ class Config:
                             "scaled to the data set's size)")
     time_budget: float | None = _f(None, "fit the schedule to this many seconds of training, "
                                    "planned from a measured step time")
-    batch_size: int | None = _f(None, "images per optimizer step (default: the recipe's; "
-                                "fast: 128 on the CPU, measured fastest per image there, "
-                                "1024 on a GPU)")
+    batch_size: int | None = _f(None, "images per optimizer step, over all processes under "
+                                "DDP (default: the recipe's; fast: 128 on the CPU, measured "
+                                "fastest per image there, 1024 on a GPU)")
     optimizer: str = _f("sgd", "sgd or adamw", choices=["sgd", "adamw"])
     lr: float | None = _f(None, "peak learning rate of the mean batch loss (default: SGD "
                           "0.2 × batch/128, AdamW 0.002)")
@@ -82,6 +82,11 @@ class Config:
     tta: int = _f(2, "test-time augmentation when evaluating: 0 none, 1 flip, "
                   "2 flip and 1-pixel translations", choices=[0, 1, 2])
     compile: bool = _f(False, "torch.compile the model (CUDA)")
+    # --- several processes (torchrun / --nproc) -----------------------------------
+    sync_bn: bool = _f(False, "DDP on GPUs: BatchNorm statistics over the whole global batch "
+                       "(SyncBatchNorm) instead of each process's share")
+    dist_timeout: float = _f(300.0, "DDP: seconds a process waits for the others before the "
+                             "job fails (a dead or hung machine)")
     # --- bookkeeping ------------------------------------------------------------
     seed: int = _f(0, "random seed; on the CPU the same seed gives the same run")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N")
@@ -165,6 +170,8 @@ def validate(cfg: Config) -> None:
         raise SettingsError(f"--lr must be positive, got {cfg.lr}")
     if cfg.val_fraction is not None and not 0 < cfg.val_fraction < 1:
         raise SettingsError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
+    if cfg.dist_timeout <= 0:
+        raise SettingsError(f"--dist-timeout must be positive seconds, got {cfg.dist_timeout}")
     if cfg.time_budget is not None and cfg.time_budget <= 0:
         raise SettingsError(f"--time-budget must be positive seconds, got {cfg.time_budget}")
     if cfg.width is not None:

@@ -19,11 +19,14 @@ class Runtime:
         return self.dtype != torch.float32
 
 
-def select_runtime(name: str = "auto") -> Runtime:
+def select_runtime(name: str = "auto", local_rank: int | None = None) -> Runtime:
     """auto: CUDA if present, else the CPU. CUDA computes in bf16 autocast; the CPU in
-    float32 (this class of CPU has no native bf16). channels_last is faster for convs on both."""
+    float32 (this class of CPU has no native bf16). channels_last is faster for convs on both.
+    Under DDP (`local_rank` given) each process on a machine takes its own GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None and torch.cuda.is_available():
+        name = f"cuda:{local_rank % torch.cuda.device_count()}"
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -3,6 +3,10 @@
 Batches are indexed straight out of the tensor in a seeded order and augmented as whole
 batches: no DataLoader, no per-image Python in the loop. A data set too big for memory
 (data.StreamSplit) gives the same batches from DataLoader workers instead.
+
+Under DDP (distributed.Dist) every process draws the same order and augmentation and
+trains on its share of each global batch; evaluation splits the batches between the
+processes and gathers the results, which equal a single process's exactly.
 """
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Split
+from . import distributed
 from .device import Runtime
+from .distributed import SINGLE, Dist
 from .metrics import accuracy, confusion_matrix
 from .transforms import Augment, to_input
 
@@ -29,12 +35,13 @@ class EpochStats:
     accuracy: float
 
 
-def batch_order(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A fresh shuffled order split into batches. A trailing batch of one image is dropped:
-    BatchNorm cannot normalize a single sample."""
+def batch_order(n: int, batch_size: int, generator: torch.Generator, world: int = 1
+                ) -> list[torch.Tensor]:
+    """A fresh shuffled order split into batches. A trailing batch too small to give each
+    process two images is dropped: BatchNorm cannot normalize a single sample."""
     order = torch.randperm(n, generator=generator)
     batches = list(order.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
+    if len(batches) > 1 and len(batches[-1]) < 2 * world:
         batches.pop()
     return batches
 
@@ -44,26 +51,39 @@ def train_one_epoch(model: nn.Module, data: Split, *, optimizer: torch.optim.Opt
                     augment: Augment, mean, std, runtime: Runtime, label_smoothing: float = 0.0,
                     seed: int = 0, progress: bool = False, ema=None, ema_every: int = 5,
                     max_batches: int | None = None,
-                    class_weights: torch.Tensor | None = None) -> EpochStats:
+                    class_weights: torch.Tensor | None = None,
+                    dist: Dist = SINGLE) -> EpochStats:
     """One pass over `data` in a fresh seeded order (or its first `max_batches` batches,
-    when a time budget ends the run mid-epoch)."""
+    when a time budget ends the run mid-epoch). `batch_size` is the global batch: under DDP
+    this process trains on its share of each one."""
     model.train()
     device = runtime.device
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    batches = batch_order(len(data), batch_size, generator)[:max_batches]
-    stream = tqdm(data.iterate(batches, device), total=len(batches), desc=f"epoch {epoch}",
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss × images, correct, images
+    batches = batch_order(len(data), batch_size, generator, dist.world)[:max_batches]
+    shares = [dist.share(b) for b in batches]
+    stream = tqdm(data.iterate(shares, device), total=len(batches), desc=f"epoch {epoch}",
                   leave=False, disable=not progress, unit="batch")
-    for step, (index, images, y) in enumerate(stream):
+    for step, (batch, (index, images, y)) in enumerate(zip(batches, stream)):
         x = to_input(images, mean, std)
         if augment.active:
-            x = augment(x, index, epoch, generator_for(generator, device), seed)
+            # Drawn for the whole global batch on every process, so the random stream (and
+            # the run) is the same whatever the number of processes.
+            draws = augment.sample(len(batch), x.shape[2:], generator_for(generator, device),
+                                   device)
+            if dist.enabled:
+                rows = dist.share(torch.arange(len(batch), device=device))
+                draws = {k: v[rows] for k, v in draws.items()}
+            x = augment.apply(x, index, epoch, draws, seed)
         x = x.contiguous(memory_format=runtime.memory_format)
         with torch.autocast(device.type, dtype=runtime.dtype, enabled=runtime.autocast):
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, weight=class_weights,
-                                   label_smoothing=label_smoothing)
+            loss_sum = F.cross_entropy(logits.float(), y, weight=class_weights,
+                                       label_smoothing=label_smoothing, reduction="sum")
+        # The mean over the global batch. DDP averages gradients over the processes, so
+        # each process's part is scaled by their number: the step equals one process's.
+        total = len(batch) if class_weights is None else \
+            class_weights[data.labels[batch].to(device)].sum()
+        loss = loss_sum / total * dist.world
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -72,10 +92,11 @@ def train_one_epoch(model: nn.Module, data: Split, *, optimizer: torch.optim.Opt
         scheduler.step()
         if ema is not None and step % ema_every == ema_every - 1:
             ema.update_parameters(model)
-        total_loss += loss.detach() * len(index)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(index)
-    return EpochStats(float(total_loss) / max(seen, 1), float(correct) / max(seen, 1))
+        totals[0] += loss.detach() * len(batch) / dist.world
+        totals[1] += (logits.argmax(1) == y).sum()
+        totals[2] += len(index)
+    loss_total, correct, seen = distributed.all_sum(dist, totals).tolist()
+    return EpochStats(loss_total / max(seen, 1), correct / max(seen, 1))
 
 
 def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -122,15 +143,29 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int, mirror: bool = Tru
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: Split, *, mean, std, runtime: Runtime, num_classes: int,
-             batch_size: int = 500, tta: int = 0, mirror: bool = True) -> EvalResult:
+             batch_size: int = 500, tta: int = 0, mirror: bool = True,
+             dist: Dist = SINGLE) -> EvalResult:
+    """Loss, accuracy, confusion matrix and probabilities over `data`. Under DDP the
+    processes take turns at the batches and share their results: each batch is computed
+    as one process would, and summed in the same order, so the result is the same."""
     model.eval()
-    probs, total_loss = [], 0.0
-    for _, images, y in data.iterate(torch.arange(len(data)).split(batch_size), runtime.device):
+    batches = torch.arange(len(data)).split(batch_size)
+    mine = batches[dist.rank::dist.world]
+    probs, losses = [], []
+    for _, images, y in data.iterate(mine, runtime.device):
         x = to_input(images, mean, std, memory_format=runtime.memory_format)
         with torch.autocast(runtime.device.type, dtype=runtime.dtype, enabled=runtime.autocast):
             logits = tta_logits(model, x, tta, mirror).float()
-        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        losses.append(float(F.cross_entropy(logits, y, reduction="sum")))
         probs.append(logits.softmax(1).cpu())
+    if dist.enabled:  # batch i was computed by rank i % world
+        parts = distributed.gather(dist, (probs, losses))
+        order = [(i % dist.world, i // dist.world) for i in range(len(batches))]
+        probs = [parts[r][0][j] for r, j in order]
+        losses = [parts[r][1][j] for r, j in order]
+    total_loss = 0.0
+    for batch_loss in losses:
+        total_loss += batch_loss
     probs = torch.cat(probs) if probs else torch.zeros(0, num_classes)
     confusion = confusion_matrix(probs.argmax(1), data.labels.cpu(), num_classes)
     return EvalResult(total_loss / max(len(data), 1), accuracy(confusion), confusion, probs)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import difflib
+import sys
+import warnings
 
 
 class CnnkitError(Exception):
@@ -34,3 +36,10 @@ def unknown_choice(kind: str, name, choices) -> SettingsError:
     close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return SettingsError(f"unknown {kind} {name!r}{hint}; choose one of: {', '.join(choices)}")
+
+
+def one_line_warnings() -> None:
+    """Warnings print as one line, "cnnkit: warning: ...", with no source line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"cnnkit: warning: {message}", file=sys.stderr)
+    warnings.showwarning = show

@@ -12,14 +12,15 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import (atomic_write, describe, load, load_weights, read_checkpoint,
                          save_checkpoint)
 from .config import Config, field_names, fill_recipe_defaults, make_config, parse_widths
@@ -49,36 +50,60 @@ class TrainResult:
 
 
 def train(config: Config | None = None, *, resume: str | Path | None = None,
-          log: Callable[[str], None] = print, progress: bool | None = None,
-          **overrides) -> TrainResult:
+          nproc: int | None = None, log: Callable[[str], None] = print,
+          progress: bool | None = None, **overrides) -> TrainResult:
     """Train a model. Pass a Config, or a recipe name and settings:
     `cnnkit.train(data="digits", epochs=3)`; see `cnnkit.Config` for every setting.
-    `resume=RUN` continues an interrupted run from its last completed epoch."""
+    `resume=RUN` continues an interrupted run from its last completed epoch.
+    `nproc=N` trains with N processes on this machine (DDP, one per GPU, or sharing the
+    CPU cores); under torchrun, each process calls train() and takes its place in the job."""
+    dist = distributed.from_env()
+    if nproc is not None and not dist.enabled:
+        if nproc < 1:
+            raise SettingsError(f"--nproc must be at least 1, got {nproc}")
+        if nproc > 1:
+            return _launch(nproc, config, resume, progress, overrides)
     state = None
-    if resume is not None:
+    if resume is not None:  # every process reads the run folder (multi-node: shared storage)
         cfg, state = _resume_state(Path(resume), config, overrides)
     else:
         cfg = config if config is not None else make_config(**overrides)
     if progress is None:
         progress = sys.stderr.isatty()
-    runtime = select_runtime(cfg.device)
+    runtime = select_runtime(cfg.device, dist.local_rank if dist.enabled else None)
+    if dist.enabled:
+        _check_processes(cfg, runtime.device, dist.local_world)
     if state is None:
-        preflight(cfg)  # every setting checked before any data loads
+        preflight(cfg, check_out=dist.main)  # every setting checked before any data loads
+    with distributed.process_group(dist, runtime.device, cfg.dist_timeout):
+        return _train(cfg, state, resume, dist, runtime, log if dist.main else _silent,
+                      progress and dist.main)
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _train(cfg: Config, state, resume, dist: distributed.Dist, runtime: Runtime, log,
+           progress: bool) -> TrainResult:
     cfg, ds, model, model_args, mean, std = prepare(cfg, runtime)
     if state is None:
         start_weights(model, cfg, ds)
+    if dist.enabled and cfg.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(runtime.device, memory_format=runtime.memory_format)
-    net = torch.compile(model) if cfg.compile else model
+    wrap = _wrapper(cfg, dist, runtime)
 
-    train_data = _to_device(ds.train, runtime)
-    val_data = _to_device(ds.val, runtime)
-    steps_per_epoch = len(batch_order(len(train_data), cfg.batch_size, torch.Generator()))
+    train_data = _to_device(ds.train, runtime, dist)
+    val_data = _to_device(ds.val, runtime, dist)
+    steps_per_epoch = len(batch_order(len(train_data), cfg.batch_size, torch.Generator(),
+                                      dist.world))
     augment = Augment(cfg.flip, cfg.translate, cfg.cutout)
     if state is not None:
         total_steps, plan = state["total_steps"], f"{state['total_steps']} steps"
     elif cfg.time_budget is not None:
-        total_steps, plan = plan_steps(net, train_data, cfg, augment, mean, std, runtime,
-                                       steps_per_epoch)
+        total_steps, plan = plan_steps(model, wrap, train_data, cfg, augment, mean, std,
+                                       runtime, steps_per_epoch, dist)
         cfg = dataclasses.replace(cfg, epochs=-(-total_steps // steps_per_epoch))
     else:
         total_steps = cfg.epochs * steps_per_epoch
@@ -90,30 +115,37 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     ema = build_ema(model, cfg.ema)
     class_weights = balanced_weights(train_data.labels, len(ds.classes)).to(runtime.device) \
         if cfg.balance else None
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)  # the same on every process
     result = TrainResult(Path(resume) if resume else None, cfg)
     first_epoch, steps_done = 0, 0
     if state is not None:
         first_epoch, steps_done = _restore(state, model, optimizer, scheduler, ema, generator,
                                            runtime)
         result.metrics = list(state["history"])
-    with RunFolder(result.run_dir, cfg.out, f"{ds.name}-{cfg.model}", resume=state is not None
-                   ) as run_dir:
+    net, trained = wrap(model), _trained_set(model)
+    with ExitStack() as stack:
+        run_dir = distributed.on_main(dist, lambda: stack.enter_context(RunFolder(
+            result.run_dir, cfg.out, f"{ds.name}-{cfg.model}", resume=state is not None)))
         result.run_dir = run_dir
-        if state is None:
-            meta = _run_meta(cfg, ds, mean, std, run_dir, model_args)
+        if state is None and dist.main:
+            meta = _run_meta(cfg, ds, mean, std, run_dir, model_args, dist)
             atomic_write(run_dir / "config.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
         for note in ds.notes:
             log(note)
         n_params = sum(p.numel() for p in model.parameters())
+        where = f"{dist.world} processes ({'nccl' if runtime.device.type == 'cuda' else 'gloo'}" \
+            f"{', SyncBatchNorm' if cfg.sync_bn else ''}) on {runtime.device.type}" \
+            if dist.enabled else f"on {runtime.device}"
         log(f"data: {ds.name}: {len(ds.train)} train, {len(ds.val)} {ds.val_name} images, "
             f"{len(ds.classes)} classes, {ds.in_channels}×{ds.image_size[0]}×{ds.image_size[1]}")
         log(f"model: {cfg.model} ({n_params:,} parameters), recipe {cfg.recipe}, "
-            f"{epochs} epochs, batch {cfg.batch_size}, {plan}, on {runtime.device}; "
+            f"{epochs} epochs, batch {cfg.batch_size}, {plan}, {where}; "
             f"run folder {run_dir}" + (f"; resuming after epoch {first_epoch - 1}"
                                        if state is not None else ""))
         best = max((m["val_acc"] for m in result.metrics), default=-1.0)
-        board = _tensorboard(run_dir, train_data, ds) if cfg.tensorboard else None
+        board = _tensorboard(run_dir, train_data, ds) if cfg.tensorboard and dist.main else None
+        if board is not None:
+            stack.callback(board.close)
         epoch, ev = first_epoch, None
         try:
             for epoch in range(first_epoch, epochs):
@@ -122,6 +154,12 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
                 whiten = getattr(model, "whiten", None)
                 if whiten is not None and whiten.bias is not None:
                     whiten.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
+                if dist.enabled:
+                    if _trained_set(model) != trained:
+                        net, trained = wrap(model), _trained_set(model)  # fixed by DDP
+                    # Dropout draws its masks from the global generator: a stream of each
+                    # process's own, which a resume with any number of processes recreates.
+                    torch.manual_seed(hash((cfg.seed, epoch, dist.rank)) % 2**63)
                 start = time.perf_counter()
                 try:
                     stats = train_one_epoch(
@@ -130,7 +168,7 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
                         augment=augment, mean=mean, std=std, runtime=runtime,
                         label_smoothing=cfg.label_smoothing, seed=cfg.seed, progress=progress,
                         ema=ema, max_batches=total_steps - steps_done,
-                        class_weights=class_weights)
+                        class_weights=class_weights, dist=dist)
                 except NonFiniteLoss as e:
                     raise CnnkitError(f"training diverged: {e}; the checkpoints in {run_dir} "
                                       f"are from before it (try a lower --lr)") from None
@@ -138,32 +176,29 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
                 seconds = time.perf_counter() - start
                 steps_done += min(steps_per_epoch, total_steps - steps_done)
                 evaluated = ema.module if ema is not None else model
+                distributed.sync_buffers(dist, evaluated)
                 start = time.perf_counter()
                 # Test-time augmentation costs several forward passes: final epoch only.
                 ev = evaluate(evaluated, val_data, mean=mean, std=std, runtime=runtime,
                               num_classes=len(ds.classes), batch_size=cfg.eval_batch_size,
                               tta=cfg.tta if epoch == epochs - 1 else 0,
-                              mirror=cfg.flip != "none")
+                              mirror=cfg.flip != "none", dist=dist)
                 val_seconds = time.perf_counter() - start
                 row = dict(epoch=epoch, train_loss=stats.loss, train_acc=stats.accuracy,
                            val_loss=ev.loss, val_acc=ev.accuracy, seconds=seconds,
                            val_seconds=val_seconds)
                 result.metrics.append(row)
-                ckpt = _checkpoint(evaluated, cfg, ds, mean, std, epoch, row, model_args)
-                with _deferred_interrupts():  # an epoch's files are written whole, together
-                    if ev.accuracy > best:
-                        best = ev.accuracy
-                        save_checkpoint(run_dir / "best.pt", ckpt)
-                    ckpt["train_state"] = _train_state(model, optimizer, scheduler, ema,
-                                                       generator, runtime, steps_done,
-                                                       total_steps, result.metrics)
-                    save_checkpoint(run_dir / "last.pt", ckpt)
-                    _write_metrics(run_dir / "metrics.csv", result.metrics)
-                if board is not None:
-                    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
-                        board.add_scalar(key.replace("_", "/", 1), row[key], epoch)
-                    board.add_scalar("lr", optimizer.param_groups[0]["lr"], epoch)
-                    board.flush()
+                if dist.main:
+                    best = _save_epoch(run_dir, evaluated, cfg, ds, mean, std, epoch, row,
+                                       model_args, best, _train_state(
+                                           model, optimizer, scheduler, ema, generator,
+                                           runtime, steps_done, total_steps, result.metrics))
+                    if board is not None:
+                        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+                            board.add_scalar(key.replace("_", "/", 1), row[key], epoch)
+                        board.add_scalar("lr", optimizer.param_groups[0]["lr"], epoch)
+                        board.flush()
+                best = max(best, ev.accuracy)
                 tta_note = f" (tta {cfg.tta})" if cfg.tta and epoch == epochs - 1 else ""
                 log(f"epoch {epoch:>3}  train loss {stats.loss:.4f}  train acc "
                     f"{stats.accuracy:.4f}  {ds.val_name} acc {ev.accuracy:.4f}{tta_note}  "
@@ -174,11 +209,10 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
             kept = (f"epoch {saved} is saved; resume with: cnnkit train --resume {run_dir}"
                     if saved is not None else "no epoch had completed, so there is nothing "
                     "to resume")
-            raise Interrupted(f"training interrupted during epoch {epoch}; {kept}") from None
-        finally:
-            if board is not None:
-                board.close()
-        if ev is not None:  # the pictures and report.html of the final model
+            error = Interrupted(f"training interrupted during epoch {epoch}; {kept}")
+            error.echo = not dist.main  # every process was stopped; rank 0 says so
+            raise error from None
+        if ev is not None and dist.main:  # the pictures and report.html of the final model
             record = evaluation_record(ev.confusion, ev.loss, ds.classes, ds.source, ds.val_name)
             settings = json.loads((run_dir / "config.json").read_text())
             draw(run_dir, evaluation=record, images=ds.val.images, labels=ds.val.labels,
@@ -188,6 +222,70 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     log(f"done: {ds.val_name} accuracy {result.metrics[-1]['val_acc']:.4f} (best {best:.4f}) "
         f"after {total:.1f}s of training; run saved in {result.run_dir}")
     return result
+
+
+def _save_epoch(run_dir: Path, evaluated, cfg: Config, ds: Dataset, mean, std, epoch: int,
+                row: dict, model_args: dict, best: float, train_state: dict) -> float:
+    """best.pt if the model improved, last.pt with the training state, metrics.csv; written
+    whole, together. Returns the best accuracy so far."""
+    ckpt = _checkpoint(evaluated, cfg, ds, mean, std, epoch, row, model_args)
+    with _deferred_interrupts():
+        if row["val_acc"] > best:
+            best = row["val_acc"]
+            save_checkpoint(run_dir / "best.pt", ckpt)
+        ckpt["train_state"] = train_state
+        save_checkpoint(run_dir / "last.pt", ckpt)
+        _write_metrics(run_dir / "metrics.csv", [*train_state["history"]])
+    return best
+
+
+def _wrapper(cfg: Config, dist: distributed.Dist, runtime: Runtime):
+    """What the training loop calls for a module: under DDP a DistributedDataParallel of
+    it, compiled if asked."""
+    def wrap(module):
+        net = module
+        if dist.enabled:
+            net = DistributedDataParallel(
+                module, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
+                else None)
+        return torch.compile(net) if cfg.compile else net
+    return wrap
+
+
+def _trained_set(model) -> tuple[bool, ...]:
+    return tuple(p.requires_grad for p in model.parameters())
+
+
+def _launch(nproc: int, config, resume, progress, overrides) -> TrainResult:
+    """`nproc` processes on this machine, each running train(), under torchrun's agent.
+    The settings are checked here first, so a mistake is reported once, before any start."""
+    if resume is not None:
+        cfg, _ = _resume_state(Path(resume), config, overrides)
+    else:
+        cfg = config if config is not None else make_config(**overrides)
+        preflight(cfg)
+    _check_processes(cfg, select_runtime(cfg.device).device, nproc)
+    if resume is None:
+        config, overrides = cfg, {}
+    folder = resume or cfg.out
+    hint = (f" (completed epochs are saved: resume with cnnkit train --resume {folder})"
+            if folder else " (completed epochs are saved in the run folder: resume with "
+            "cnnkit train --resume RUN)")
+    return distributed.launch(nproc, _worker_train, config, resume, progress, overrides,
+                              hint=hint)
+
+
+def _check_processes(cfg: Config, device: torch.device, per_machine: int) -> None:
+    if cfg.sync_bn and device.type != "cuda":
+        raise SettingsError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on "
+                            "the CPU; drop it")
+    if device.type == "cuda" and per_machine > torch.cuda.device_count():
+        raise SettingsError(f"{per_machine} processes on a machine with "
+                            f"{torch.cuda.device_count()} GPU(s): start one process per GPU")
+
+
+def _worker_train(config, resume, progress, overrides) -> TrainResult:
+    return train(config, resume=resume, progress=progress, **overrides)
 
 
 @contextmanager
@@ -227,7 +325,7 @@ def _tensorboard(run_dir: Path, train_data, ds: Dataset):
     return writer
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config, check_out: bool = True) -> None:
     """Check what can be checked before loading data: the model, the data source, whether
     the images will be big enough for the model, the output folder and weights file."""
     model_entry(cfg.model)
@@ -250,7 +348,7 @@ def preflight(cfg: Config) -> None:
                                 "pip install 'cnnkit[tensorboard]'") from None
     if cfg.weights and not Path(cfg.weights).is_file():
         raise SettingsError(f"--weights {cfg.weights}: no such file")
-    if cfg.out is not None:
+    if cfg.out is not None and check_out:  # (under DDP rank 0 may already have made it)
         _check_new_run_dir(Path(cfg.out))
 
 
@@ -298,19 +396,21 @@ def prepare(cfg: Config, runtime: Runtime):
     return cfg, ds, model, model_args, mean, std
 
 
-def plan_steps(net, data, cfg: Config, augment, mean, std, runtime: Runtime,
-               steps_per_epoch: int) -> tuple[int, str]:
+def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runtime,
+               steps_per_epoch: int, dist: distributed.Dist = distributed.SINGLE
+               ) -> tuple[int, str]:
     """How many optimizer steps fit in cfg.time_budget, from step times measured on
     throw-away copies of the model and optimizer (the run itself is untouched). fastnet's
     first epochs also train the whitening bias and cost more per step, so both phases are
-    timed."""
-    trial = copy.deepcopy(net)
+    timed. Under DDP every process times its steps (communication included) and rank 0's
+    plan is everyone's."""
+    trial = copy.deepcopy(model)
     optimizer = build_optimizer(trial, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.0)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     kw = dict(optimizer=optimizer, scheduler=scheduler, batch_size=cfg.batch_size, epoch=0,
               generator=generator, augment=augment, mean=mean, std=std, runtime=runtime,
-              label_smoothing=cfg.label_smoothing)
+              label_smoothing=cfg.label_smoothing, dist=dist)
     whiten = getattr(trial, "whiten", None)
     early_steps = cfg.whiten_bias_epochs * steps_per_epoch \
         if whiten is not None and whiten.bias is not None else 0
@@ -318,11 +418,12 @@ def plan_steps(net, data, cfg: Config, augment, mean, std, runtime: Runtime,
     def seconds_per_step(bias_trains: bool, steps: int = 8) -> float:
         if early_steps:
             whiten.bias.requires_grad_(bias_trains)
-        train_one_epoch(trial, data, max_batches=2, **kw)  # warm-up
+        net = wrap(trial)
+        train_one_epoch(net, data, max_batches=2, **kw)  # warm-up
         _sync(runtime)
         n = min(steps, steps_per_epoch)
         start = time.perf_counter()
-        train_one_epoch(trial, data, max_batches=n, **kw)
+        train_one_epoch(net, data, max_batches=n, **kw)
         _sync(runtime)
         return (time.perf_counter() - start) / n
 
@@ -334,16 +435,19 @@ def plan_steps(net, data, cfg: Config, augment, mean, std, runtime: Runtime,
     else:
         total = early_steps + (budget - early_steps * early) / late
     total = max(1, int(total))
-    return total, (f"time budget {budget:g}s at {late * 1000:.0f} ms/step "
-                   f"({early * 1000:.0f} in the first {cfg.whiten_bias_epochs} epochs): "
-                   f"{total} steps" if early_steps else
-                   f"time budget {budget:g}s at {late * 1000:.0f} ms/step: {total} steps")
+    return distributed.broadcast(dist, (total, (
+        f"time budget {budget:g}s at {late * 1000:.0f} ms/step "
+        f"({early * 1000:.0f} in the first {cfg.whiten_bias_epochs} epochs): "
+        f"{total} steps" if early_steps else
+        f"time budget {budget:g}s at {late * 1000:.0f} ms/step: {total} steps")))
 
 
-def _to_device(split, runtime: Runtime):
-    """In-memory data moves to the training device once; streamed data stays on disk."""
+def _to_device(split, runtime: Runtime, dist: distributed.Dist = distributed.SINGLE):
+    """In-memory data moves to the training device once; streamed data stays on disk, and
+    processes sharing a machine share its decoding workers."""
     if not isinstance(split, Split):
-        return split
+        return dataclasses.replace(split, workers=max(1, split.workers // dist.local_world)) \
+            if dist.enabled else split
     return Split(split.images.to(runtime.device), split.labels.to(runtime.device))
 
 
@@ -425,8 +529,10 @@ class RunFolder:
         raise CnnkitError(f"too many runs named {self.name} in {root}; pass --out")
 
 
-def _run_meta(cfg: Config, ds: Dataset, mean, std, run_dir: Path, model_args: dict) -> dict:
-    return {**cfg.to_dict(), "model_args": model_args, "classes": ds.classes, "num_classes": len(ds.classes),
+def _run_meta(cfg: Config, ds: Dataset, mean, std, run_dir: Path, model_args: dict,
+              dist: distributed.Dist) -> dict:
+    return {**cfg.to_dict(), "processes": dist.world, "model_args": model_args,
+            "classes": ds.classes, "num_classes": len(ds.classes),
             "in_channels": ds.in_channels, "input_size": list(ds.image_size),
             "mean": mean, "std": std, "data_source": ds.source, "val_name": ds.val_name,
             "num_train": len(ds.train), "num_val": len(ds.val), "run_dir": str(run_dir),
@@ -459,8 +565,10 @@ def _train_state(model, optimizer, scheduler, ema, generator, runtime, steps_don
 
 
 def _resume_state(run_dir: Path, config, overrides: dict):
-    if config is not None or any(v is not None for k, v in overrides.items() if k != "device"):
-        given = [k for k, v in overrides.items() if v is not None and k != "device"]
+    machine = ("device", "dist_timeout")  # where it runs may change; what it trains may not
+    if config is not None or any(v is not None for k, v in overrides.items()
+                                 if k not in machine):
+        given = [k for k, v in overrides.items() if v is not None and k not in machine]
         raise SettingsError(f"--resume continues a run with its own settings; drop "
                             f"{', '.join('--' + k.replace('_', '-') for k in given) or 'the config'}")
     last = run_dir / "last.pt"
@@ -474,7 +582,7 @@ def _resume_state(run_dir: Path, config, overrides: dict):
     saved = json.loads((run_dir / "config.json").read_text())
     cfg = Config(**{k: saved[k] for k in field_names() if k in saved})
     cfg = dataclasses.replace(cfg, epochs=ckpt["config"]["epochs"],
-                              device=overrides.get("device") or cfg.device)
+                              **{k: overrides[k] for k in machine if overrides.get(k)})
     state["epoch"] = ckpt["epoch"]
     return cfg, state
 

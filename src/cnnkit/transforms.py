@@ -36,7 +36,12 @@ def to_input(x: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
 
 @dataclass
 class Augment:
-    """Training augmentation, applied to a whole uint8 or float batch."""
+    """Training augmentation, applied to a whole uint8 or float batch.
+
+    The random draws (`sample`) are made for a whole global batch and then sliced, so a
+    process that holds only its share of the batch under DDP gets exactly the draws a
+    single process would have given those images: the run does not depend on how many
+    processes train it."""
     flip: str = "none"      # none | random | alternate (airbench: flip every other epoch)
     translate: int = 0      # max shift in pixels, reflect-padded
     cutout: int = 0         # side of the square zeroed out, 0 = off
@@ -45,34 +50,58 @@ class Augment:
     def active(self) -> bool:
         return self.flip != "none" or self.translate > 0 or self.cutout > 0
 
-    def __call__(self, x: torch.Tensor, index: torch.Tensor, epoch: int,
-                 generator: torch.Generator, seed: int = 0) -> torch.Tensor:
+    def sample(self, n: int, size: tuple[int, int], generator: torch.Generator,
+               device) -> dict[str, torch.Tensor]:
+        """The random choices for n images of `size` (H, W): one row per image."""
+        h, w = size
+        draws = {}
         if self.flip == "random":
-            x = flip_where(x, torch.rand(len(x), generator=generator,
-                                         device=x.device) < 0.5)
+            draws["flip"] = torch.rand(n, generator=generator, device=device) < 0.5
+        if self.translate > 0:
+            span = 2 * self.translate + 1
+            draws["dy"] = torch.randint(0, span, (n,), generator=generator, device=device)
+            draws["dx"] = torch.randint(0, span, (n,), generator=generator, device=device)
+        if self.cutout > 0:
+            c = self.cutout
+            draws["y0"] = torch.randint(-c // 2, h - c // 2, (n,), generator=generator,
+                                        device=device)
+            draws["x0"] = torch.randint(-c // 2, w - c // 2, (n,), generator=generator,
+                                        device=device)
+        return draws
+
+    def apply(self, x: torch.Tensor, index: torch.Tensor, epoch: int,
+              draws: dict[str, torch.Tensor], seed: int = 0) -> torch.Tensor:
+        """Augment the images `index` (their positions in the data set) with `draws`,
+        rows matching x's."""
+        if self.flip == "random":
+            x = flip_where(x, draws["flip"])
         elif self.flip == "alternate":
             # A fixed random half of the images is flipped on even epochs, the other half
             # on odd ones: every image is seen both ways within two epochs.
             base = (index * 2654435761 + seed) % 1000003 % 2
             x = flip_where(x, (base + epoch) % 2 == 1)
         if self.translate > 0:
-            x = random_translate(x, self.translate, generator)
+            x = translate(x, self.translate, draws["dy"], draws["dx"])
         if self.cutout > 0:
-            x = cutout(x, self.cutout, generator)
+            x = cutout(x, self.cutout, draws["y0"], draws["x0"])
         return x
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor, epoch: int,
+                 generator: torch.Generator, seed: int = 0) -> torch.Tensor:
+        draws = self.sample(len(x), x.shape[2:], generator, x.device)
+        return self.apply(x, index, epoch, draws, seed)
 
 
 def flip_where(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
 
 
-def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by its own (dy, dx) in [-pad, pad], filling with reflection."""
+def translate(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Shift each image by its own (dy, dx) - pad, each in [-pad, pad], filling with
+    reflection."""
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x.float() if x.dtype == torch.uint8 else x,
                                      (pad, pad, pad, pad), mode="reflect").to(x.dtype)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=x.device)
     rows = (torch.arange(h, device=x.device) + dy[:, None])[:, :, None]   # (N, H, 1)
     cols = (torch.arange(w, device=x.device) + dx[:, None])[:, None, :]   # (N, 1, W)
     batch = torch.arange(n, device=x.device)[:, None, None]
@@ -80,11 +109,10 @@ def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero one size×size square per image (it may be clipped at the border)."""
-    n, _, h, w = x.shape
-    y0 = torch.randint(-size // 2, h - size // 2, (n,), generator=generator, device=x.device)
-    x0 = torch.randint(-size // 2, w - size // 2, (n,), generator=generator, device=x.device)
+def cutout(x: torch.Tensor, size: int, y0: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Zero one size×size square per image, top-left corner at (y0, x0); it may be clipped
+    at the border."""
+    _, _, h, w = x.shape
     ys = torch.arange(h, device=x.device).view(1, h, 1)
     xs = torch.arange(w, device=x.device).view(1, 1, w)
     inside = ((ys >= y0.view(-1, 1, 1)) & (ys < (y0 + size).view(-1, 1, 1))

@@ -1,0 +1,181 @@
+"""DDP on the CPU: 2 processes over gloo, started by torchrun or cnnkit's --nproc (torchrun's
+own elastic agent), against one process doing the same work."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnkit import distributed
+from cnnkit.cli import main
+from cnnkit.data import Split
+from cnnkit.device import select_runtime
+from cnnkit.engine import evaluate, train_one_epoch
+from cnnkit.models import create_model
+from cnnkit.transforms import Augment
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def _data(n: int, size: int = 16, seed: int = 0) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    images[:, labels.remainder(3), :4, :4] = 255  # something to learn
+    return Split(images, labels)
+
+
+def _steps(model_name: str, batch_size: int, steps: int) -> dict:
+    """A few optimizer steps from a fixed start, as one process of however many run it:
+    augmentation, label smoothing, class weights and momentum all in play."""
+    dist = distributed.from_env()
+    runtime = select_runtime("cpu")
+    with distributed.process_group(dist, runtime.device, timeout=60):
+        torch.manual_seed(0)
+        model = create_model(model_name, num_classes=4, in_channels=3, image_size=(16, 16))
+        net = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        stats = train_one_epoch(
+            net, _data(60), optimizer=optimizer, scheduler=scheduler, batch_size=batch_size,
+            epoch=0, generator=torch.Generator().manual_seed(3),
+            augment=Augment("random", 2, 4), mean=[0.5] * 3, std=[0.25] * 3, runtime=runtime,
+            label_smoothing=0.1, max_batches=steps, dist=dist,
+            class_weights=torch.tensor([1.0, 2.0, 0.5, 1.5]))
+        return {"state": {k: v.clone() for k, v in model.state_dict().items()},
+                "loss": stats.loss, "acc": stats.accuracy}
+
+
+@pytest.mark.parametrize("batch_size,steps", [(24, 1), (25, 2)])
+def test_a_ddp_step_with_global_batch_b_equals_one_process_with_batch_b(batch_size, steps):
+    # 25 does not split evenly: the processes hold 13 and 12 images of each batch.
+    ddp = distributed.launch(2, _steps, "seed-simple", batch_size, steps)
+    one = _steps("seed-simple", batch_size, steps)
+    for name, value in one["state"].items():
+        assert torch.allclose(ddp["state"][name], value, atol=1e-6, rtol=0), name
+    moved = max((one["state"][k] - v).abs().max() for k, v in
+                create_model("seed-simple", num_classes=4, in_channels=3,
+                             image_size=(16, 16)).state_dict().items())
+    assert moved > 1e-3  # the steps really changed the weights
+    assert ddp["loss"] == pytest.approx(one["loss"], abs=1e-6)
+    assert ddp["acc"] == one["acc"]
+
+
+def _evaluations(state: dict, tta: int):
+    """Rank 0's result of a distributed evaluation, and its own single-process one."""
+    dist = distributed.from_env()
+    runtime = select_runtime("cpu")
+    with distributed.process_group(dist, runtime.device, timeout=60):
+        model = _eval_model(state)
+        kw = dict(mean=[0.5] * 3, std=[0.25] * 3, runtime=runtime, num_classes=4,
+                  batch_size=100, tta=tta)
+        shared = evaluate(model, _data(1037, seed=1), dist=dist, **kw)
+        alone = evaluate(model, _data(1037, seed=1), **kw) if dist.main else None
+        return shared, alone
+
+
+def _eval_model(state):
+    model = create_model("fastnet", num_classes=4, in_channels=3, image_size=(16, 16),
+                         widths=(8, 16, 16))
+    model.load_state_dict(state)
+    return model
+
+
+@pytest.mark.parametrize("tta", [0, 2])
+def test_distributed_evaluation_equals_one_process_exactly(tta):
+    torch.manual_seed(1)
+    model = create_model("fastnet", num_classes=4, in_channels=3, image_size=(16, 16),
+                         widths=(8, 16, 16))
+    model.train()
+    with torch.no_grad():  # BatchNorm statistics that are not the defaults
+        model(torch.randn(64, 3, 16, 16))
+    state = model.state_dict()
+    shared, alone = distributed.launch(2, _evaluations, state, tta)
+    # 1037 images in 11 batches of up to 100: rank 0 computed 6 of them, rank 1 five.
+    here = evaluate(_eval_model(state), _data(1037, seed=1), mean=[0.5] * 3, std=[0.25] * 3,
+                    runtime=select_runtime("cpu"), num_classes=4, batch_size=100, tta=tta)
+    for single in (alone, here):
+        assert torch.equal(shared.confusion, single.confusion)
+        assert shared.accuracy == single.accuracy
+        assert shared.loss == single.loss
+        assert torch.equal(shared.probs, single.probs)
+    assert int(shared.confusion.sum()) == 1037
+
+
+def test_torchrun_run_completes_with_one_run_folder(tmp_path):
+    runs = tmp_path / "runs"
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "cnnkit", "train", "--data", "digits", "--model", "seed-simple", "--epochs", "2",
+         "--device", "cpu", "--out", runs / "ddp"],
+        capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert os.listdir(runs) == ["ddp"]
+    assert {"config.json", "metrics.csv", "last.pt", "best.pt", "report.html"} <= \
+        set(os.listdir(runs / "ddp"))
+    # Only rank 0 prints: each epoch once.
+    assert [l.split()[1] for l in p.stdout.splitlines() if l.startswith("epoch")] == ["0", "1"]
+    assert "2 processes (gloo)" in p.stdout
+    assert json.loads((runs / "ddp" / "config.json").read_text())["processes"] == 2
+    assert "Traceback" not in p.stderr
+
+
+def _rank1_pid(launcher: subprocess.Popen, run: Path) -> int:
+    """The worker process that is not rank 0: rank 0 is the one holding the run folder's lock."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    workers = [int(c) for c in children
+               if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    lock = str((run / ".lock").resolve())
+    others = [w for w in workers if not any(os.readlink(f) == lock for f in
+                                            Path(f"/proc/{w}/fd").iterdir())]
+    assert len(workers) == 2 and len(others) == 1, (workers, others)
+    return others[0]
+
+
+def _train(*args, nproc=None):
+    extra = ["--nproc", str(nproc)] if nproc else []
+    return subprocess.run([sys.executable, "-m", "cnnkit", "train", *map(str, args), *extra],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def test_a_killed_rank_ends_the_job_and_resume_takes_any_process_count(tmp_path):
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "cnnkit", "train", "--nproc", "2", "--data", "digits",
+         "--model", "seed-simple", "--image-size", "32", "--epochs", "8", "--batch-size",
+         "32", "--lr", "0.05", "--device", "cpu", "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=ENV)
+    for line in launcher.stdout:  # epoch 0 is saved; epoch 1 has begun
+        if line.startswith("epoch   0"):
+            break
+    time.sleep(0.3)
+    os.kill(_rank1_pid(launcher, run), signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = launcher.communicate(timeout=60)
+    assert time.monotonic() - killed < 60
+    assert launcher.returncode != 0
+    assert err.strip().splitlines() == [err.strip()], err  # one line, no traceback
+    assert "rank 1" in err and "SIGKILL" in err and f"--resume {run}" in err
+    saved = len((run / "metrics.csv").read_text().splitlines()) - 1
+    assert 1 <= saved < 8
+
+    # The same run continues with 1 process, and (a copy of it) with 2. The data stream is
+    # the same whatever the number of processes, so (with neither dropout nor BatchNorm,
+    # whose randomness and statistics are per process) the first epoch after the resume
+    # agrees to rounding; later epochs drift apart as rounding differences grow.
+    subprocess.run(["cp", "-r", run, tmp_path / "copy"], check=True)
+    one = _train("--resume", run)
+    two = _train("--resume", tmp_path / "copy", nproc=2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    rows = [[[float(v) for v in line.split(",")]
+             for line in (tmp_path / r / "metrics.csv").read_text().splitlines()[1:]]
+            for r in ("run", "copy")]
+    assert [r[0] for r in rows[0]] == [r[0] for r in rows[1]] == list(range(8))
+    first_one, first_two = rows[0][saved], rows[1][saved]
+    assert first_one[1:5] == pytest.approx(first_two[1:5], abs=1e-4)  # loss, acc, val
