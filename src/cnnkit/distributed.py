@@ -80,19 +80,19 @@ def process_group(dist: Dist, device: torch.device, timeout: float):
     try:
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                  timeout=datetime.timedelta(seconds=timeout),
-                                 device_id=device if device.type == "cuda" else None)
+                                 **({"device_id": device} if device.type == "cuda" else {}))
     except (RuntimeError, ValueError) as e:
         raise CnnkitError(f"could not join the distributed job (rank {dist.rank} of "
                           f"{dist.world}): {_first_line(e)}") from None
     try:
-        with _peer_failures(dist):
+        with _peer_failures():
             yield
     finally:
         tdist.destroy_process_group()
 
 
 @contextmanager
-def _peer_failures(dist: Dist):
+def _peer_failures():
     """A collective that fails because another process is gone becomes one clear line."""
     try:
         yield
@@ -189,7 +189,7 @@ def launch(nproc: int, fn, *args, hint: str = ""):
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
                               run_id=f"cnnkit-{os.getpid()}", rdzv_backend="c10d",
                               rdzv_endpoint="localhost:0", max_restarts=0,
-                              monitor_interval=0.2, start_method="spawn", shutdown_timeout=10)
+                              monitor_interval=0.2, start_method="spawn")
         # The agent replaces the handlers of these signals and leaves its own behind.
         handlers = {sig: signal.getsignal(sig) for sig in (
             signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}

@@ -56,7 +56,9 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     `cnnkit.train(data="digits", epochs=3)`; see `cnnkit.Config` for every setting.
     `resume=RUN` continues an interrupted run from its last completed epoch.
     `nproc=N` trains with N processes on this machine (DDP, one per GPU, or sharing the
-    CPU cores); under torchrun, each process calls train() and takes its place in the job."""
+    CPU cores) and returns rank 0's result; rank 0 prints with print(), as `log` cannot
+    cross into other processes. Under torchrun, each process calls train() and takes its
+    place in the job."""
     dist = distributed.from_env()
     if nproc is not None and not dist.enabled:
         if nproc < 1:
