@@ -325,8 +325,8 @@ class _Signals:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     one_line_warnings()
-    rank = from_env()  # under torchrun: which process this is
-    quiet_unless_main(rank)
+    dist = from_env()  # under torchrun: which process of the job this is
+    quiet_unless_main(dist)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _Signals.on_term)
@@ -334,10 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CnnkitError as e:
         # A mistake in the settings, or an error rank 0 reports too, is told once (by rank 0).
-        if rank.main:
+        if dist.main:
             print(f"cnnkit: error: {e}", file=sys.stderr)
         elif not (getattr(e, "echo", False) or isinstance(e, SettingsError)):
-            print(f"cnnkit: error: rank {rank.rank}: {e}", file=sys.stderr)
+            print(f"cnnkit: error: rank {dist.rank}: {e}", file=sys.stderr)
         if isinstance(e, Interrupted):
             return 143 if _Signals.terminated else 130
         return e.exit_code

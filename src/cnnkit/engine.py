@@ -163,9 +163,6 @@ def evaluate(model: nn.Module, data: Split, *, mean, std, runtime: Runtime, num_
         order = [(i % dist.world, i // dist.world) for i in range(len(batches))]
         probs = [parts[r][0][j] for r, j in order]
         losses = [parts[r][1][j] for r, j in order]
-    total_loss = 0.0
-    for batch_loss in losses:
-        total_loss += batch_loss
     probs = torch.cat(probs) if probs else torch.zeros(0, num_classes)
     confusion = confusion_matrix(probs.argmax(1), data.labels.cpu(), num_classes)
-    return EvalResult(total_loss / max(len(data), 1), accuracy(confusion), confusion, probs)
+    return EvalResult(sum(losses) / max(len(data), 1), accuracy(confusion), confusion, probs)

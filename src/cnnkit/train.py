@@ -190,17 +190,17 @@ def _train(cfg: Config, state, resume, dist: distributed.Dist, runtime: Runtime,
                            val_loss=ev.loss, val_acc=ev.accuracy, seconds=seconds,
                            val_seconds=val_seconds)
                 result.metrics.append(row)
+                improved, best = ev.accuracy > best, max(best, ev.accuracy)
                 if dist.main:
-                    best = _save_epoch(run_dir, evaluated, cfg, ds, mean, std, epoch, row,
-                                       model_args, best, _train_state(
-                                           model, optimizer, scheduler, ema, generator,
-                                           runtime, steps_done, total_steps, result.metrics))
+                    _save_epoch(run_dir, _checkpoint(evaluated, cfg, ds, mean, std, epoch, row,
+                                                     model_args), improved,
+                                _train_state(model, optimizer, scheduler, ema, generator,
+                                             runtime, steps_done, total_steps, result.metrics))
                     if board is not None:
                         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
                             board.add_scalar(key.replace("_", "/", 1), row[key], epoch)
                         board.add_scalar("lr", optimizer.param_groups[0]["lr"], epoch)
                         board.flush()
-                best = max(best, ev.accuracy)
                 tta_note = f" (tta {cfg.tta})" if cfg.tta and epoch == epochs - 1 else ""
                 log(f"epoch {epoch:>3}  train loss {stats.loss:.4f}  train acc "
                     f"{stats.accuracy:.4f}  {ds.val_name} acc {ev.accuracy:.4f}{tta_note}  "
@@ -226,19 +226,15 @@ def _train(cfg: Config, state, resume, dist: distributed.Dist, runtime: Runtime,
     return result
 
 
-def _save_epoch(run_dir: Path, evaluated, cfg: Config, ds: Dataset, mean, std, epoch: int,
-                row: dict, model_args: dict, best: float, train_state: dict) -> float:
+def _save_epoch(run_dir: Path, ckpt: dict, improved: bool, train_state: dict) -> None:
     """best.pt if the model improved, last.pt with the training state, metrics.csv; written
-    whole, together. Returns the best accuracy so far."""
-    ckpt = _checkpoint(evaluated, cfg, ds, mean, std, epoch, row, model_args)
+    whole, together."""
     with _deferred_interrupts():
-        if row["val_acc"] > best:
-            best = row["val_acc"]
+        if improved:
             save_checkpoint(run_dir / "best.pt", ckpt)
         ckpt["train_state"] = train_state
         save_checkpoint(run_dir / "last.pt", ckpt)
-        _write_metrics(run_dir / "metrics.csv", [*train_state["history"]])
-    return best
+        _write_metrics(run_dir / "metrics.csv", train_state["history"])
 
 
 def _wrapper(cfg: Config, dist: distributed.Dist, runtime: Runtime):
