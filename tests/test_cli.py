@@ -113,7 +113,7 @@ SETTINGS = {
 
 @pytest.mark.parametrize("case", list(SETTINGS))
 def test_bad_settings_fail_with_status_2_before_data_loads(case, capsys, monkeypatch):
-    train_module = importlib.import_module("cnnkit.train")
+    train_module = importlib.import_module("cnnkit.setup")
 
     def no_loading(*a, **k):
         raise AssertionError("data was loaded before the settings were checked")

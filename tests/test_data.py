@@ -107,7 +107,8 @@ def test_folder_errors(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
     with pytest.raises(CnnkitError, match="no images.*: b"):
         load_dataset(str(tmp_path))
-    with pytest.raises(CnnkitError, match="neither a known data set"):
+    with pytest.raises(CnnkitError, match=f"no such folder: .*missing \\(looked in "
+                       f"{tmp_path / 'missing'}\\)"):
         load_dataset(str(tmp_path / "missing"))
 
 

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from cnnkit import distributed
-from cnnkit.cli import main
 from cnnkit.data import Split
 from cnnkit.device import select_runtime
-from cnnkit.engine import evaluate, train_one_epoch
+from cnnkit.engine import TrainStep, evaluate_split, train_one_epoch
 from cnnkit.models import create_model
 from cnnkit.transforms import Augment
 
@@ -41,12 +40,11 @@ def _steps(model_name: str, batch_size: int, steps: int) -> dict:
         net = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        stats = train_one_epoch(
-            net, _data(60), optimizer=optimizer, scheduler=scheduler, batch_size=batch_size,
-            epoch=0, generator=torch.Generator().manual_seed(3),
-            augment=Augment("random", 2, 4), mean=[0.5] * 3, std=[0.25] * 3, runtime=runtime,
-            label_smoothing=0.1, max_batches=steps, dist=dist,
-            class_weights=torch.tensor([1.0, 2.0, 0.5, 1.5]))
+        step = TrainStep(optimizer, scheduler, Augment("random", 2, 4), [0.5] * 3, [0.25] * 3,
+                         runtime, label_smoothing=0.1, dist=dist,
+                         class_weights=torch.tensor([1.0, 2.0, 0.5, 1.5]))
+        stats = train_one_epoch(net, _data(60), step, batch_size=batch_size, epoch=0,
+                                generator=torch.Generator().manual_seed(3), max_batches=steps)
         return {"state": {k: v.clone() for k, v in model.state_dict().items()},
                 "loss": stats.loss, "acc": stats.accuracy}
 
@@ -74,8 +72,8 @@ def _evaluations(state: dict, tta: int):
         model = _eval_model(state)
         kw = dict(mean=[0.5] * 3, std=[0.25] * 3, runtime=runtime, num_classes=4,
                   batch_size=100, tta=tta)
-        shared = evaluate(model, _data(1037, seed=1), dist=dist, **kw)
-        alone = evaluate(model, _data(1037, seed=1), **kw) if dist.main else None
+        shared = evaluate_split(model, _data(1037, seed=1), dist=dist, **kw)
+        alone = evaluate_split(model, _data(1037, seed=1), **kw) if dist.main else None
         return shared, alone
 
 
@@ -97,7 +95,7 @@ def test_distributed_evaluation_equals_one_process_exactly(tta):
     state = model.state_dict()
     shared, alone = distributed.launch(2, _evaluations, state, tta)
     # 1037 images in 11 batches of up to 100: rank 0 computed 6 of them, rank 1 five.
-    here = evaluate(_eval_model(state), _data(1037, seed=1), mean=[0.5] * 3, std=[0.25] * 3,
+    here = evaluate_split(_eval_model(state), _data(1037, seed=1), mean=[0.5] * 3, std=[0.25] * 3,
                     runtime=select_runtime("cpu"), num_classes=4, batch_size=100, tta=tta)
     for single in (alone, here):
         assert torch.equal(shared.confusion, single.confusion)

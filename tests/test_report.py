@@ -13,6 +13,7 @@ from PIL import Image
 import cnnkit
 from cnnkit.data import load_dataset
 from cnnkit.device import select_runtime
+from cnnkit.engine import TrainStep
 from cnnkit.lrfind import lr_range_test
 from cnnkit.optim import build_optimizer
 from cnnkit.config import make_config
@@ -87,9 +88,8 @@ def test_lr_range_test_leaves_model_and_optimizer_bitwise_unchanged():
     opt.step()  # momentum buffers exist now
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt_before = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
-    result = lr_range_test(model, opt, ds.train, mean=[0.5], std=[0.3],
-                           runtime=select_runtime("cpu"), batch_size=64,
-                           augment=Augment("random", 1, 0), steps=60)
+    step = TrainStep(opt, None, Augment("random", 1, 0), [0.5], [0.3], select_runtime("cpu"))
+    result = lr_range_test(model, ds.train, step, batch_size=64, base_lr=0.1, steps=60)
     assert len(result["lrs"]) > 20 and result["lrs"] == sorted(result["lrs"])
     assert result["lrs"][0] <= result["suggested_lr"] <= result["lrs"][-1]
     after = model.state_dict()
@@ -121,8 +121,8 @@ def test_runs_table_compare_and_eval_out(png_run, tmp_path, png_sample, capsys):
     assert main(["compare", str(folder / "a"), str(folder / "b"), "--out",
                  str(tmp_path / "cmp.png")]) == 0
     _readable_png(tmp_path / "cmp.png")
-    assert main(["eval", str(png_run.run_dir), "--data", str(png_sample), "--out",
-                 str(tmp_path / "ev")]) == 0
+    assert main(["eval", str(png_run.run_dir), "--data", str(png_sample), "--split", "all",
+                 "--out", str(tmp_path / "ev")]) == 0
     record = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert record["num_images"] == 200 and record["split"] == "all"
     for name in ("confusion.png", "top-losses.png", "per-class.png", "report.html"):

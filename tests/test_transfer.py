@@ -92,7 +92,7 @@ def test_transfer_errors_are_one_line(capsys):
 def test_pretrained_weights_set_the_input_size_and_normalization():
     from cnnkit.config import make_config
     from cnnkit.device import select_runtime
-    from cnnkit.train import prepare
+    from cnnkit.setup import prepare
     cfg, ds, model, _, mean, std = prepare(
         make_config(data="digits", model="tv:resnet18", pretrained=True), select_runtime("cpu"))
     assert cfg.image_size == 224 and ds.image_size == (224, 224)

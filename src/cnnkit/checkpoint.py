@@ -141,6 +141,7 @@ class LoadedModel:
     path: str = ""
     takes_pixels: bool = False  # an exported model that normalizes uint8 pixels itself
     metrics: dict = field(default_factory=dict)  # the saved epoch's metrics (val_acc, ...)
+    data_source: str = ""  # the run's data: an absolute path or a data set name
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -159,4 +160,5 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     model.to(device).eval()
     return LoadedModel(model, ckpt["model"], list(ckpt["classes"]), size,
                        ckpt["in_channels"], list(ckpt["mean"]), list(ckpt["std"]),
-                       ckpt.get("config", {}), str(path), metrics=ckpt.get("metrics") or {})
+                       ckpt.get("config", {}), str(path), metrics=ckpt.get("metrics") or {},
+                       data_source=ckpt.get("data_source") or "")

@@ -9,7 +9,7 @@ import sys
 import threading
 
 from . import __version__
-from .config import RECIPES, Config, make_config
+from .config import DEFAULT_RECIPE, RECIPES, Config, make_config
 from .distributed import from_env, quiet_unless_main
 from .errors import CnnkitError, Interrupted, SettingsError, one_line_warnings
 
@@ -53,8 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix")
     e.add_argument("run", help="a run folder or checkpoint file")
-    e.add_argument("--data", help="data source to evaluate on (default: the run's own "
-                   "validation split)")
+    e.add_argument("--data", help="data source to evaluate on (default: the run's own data)")
+    e.add_argument("--split", choices=["train", "val", "test", "all"],
+                   help="which images: the test split by default when the data has one, "
+                   "else the validation split (the run's own, for its own data); all = every "
+                   "image once, training images included")
     e.add_argument("--data-dir", help="download cache for --data")
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=500)
@@ -182,8 +185,9 @@ def cmd_demo(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate, format_report
-    result = evaluate(args.run, args.data, device=args.device, batch_size=args.batch_size,
-                      data_dir=args.data_dir, tta=args.tta, out=args.out)
+    result = evaluate(args.run, args.data, split=args.split, device=args.device,
+                      batch_size=args.batch_size, data_dir=args.data_dir, tta=args.tta,
+                      out=args.out, log=lambda s: print(s, file=sys.stderr))
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
 
@@ -272,8 +276,8 @@ def cmd_explain(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .runs import compare
-    print(f"saved {compare(args.runs, args.out)}")
+    from .plots import compare_runs
+    print(f"saved {compare_runs(args.runs, args.out)}")
     return 0
 
 
@@ -306,8 +310,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_recipes(args) -> int:
+    notes = {DEFAULT_RECIPE: "the default; the Config's own defaults",
+             "finetune": "the default for tv: models"}
     for name, settings in RECIPES.items():
-        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+        note = f"  ({notes[name]})" if name in notes else ""
+        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + note)
     return 0
 
 

@@ -114,9 +114,21 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The default: the best accuracy per second of training found by benchmarks/frontier.py
     # on this class of 2-core CPU (see benchmarks/RESULTS.md). Epochs scale with the data.
     "fast": dict(),
+    # torchvision models (the default for tv:NAME): AdamW at a fine-tuning lr, warm-up then
+    # cosine decay, no BatchNorm-bias boost. The fast recipe's SGD at lr 0.2 is tuned for
+    # fastnet and makes a ResNet-18 diverge (benchmarks/RESULTS.md, "finetune").
+    "finetune": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, batch_size=32, epochs=10,
+                     schedule="onecycle", warmup=0.1, label_smoothing=0.1,
+                     norm_bias_lr_mult=1.0, flip="random", translate=0, cutout=0, tta=1,
+                     ema=0.0),
 }
 
 DEFAULT_RECIPE = "fast"
+
+
+def default_recipe(model: str | None) -> str:
+    """The recipe used when none is named: one that fits the model."""
+    return "finetune" if model and model.startswith("tv:") else DEFAULT_RECIPE
 
 
 def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str) -> Config:
@@ -145,7 +157,7 @@ def field_names() -> list[str]:
 
 def make_config(recipe: str | None = None, **overrides: Any) -> Config:
     """Config = dataclass defaults, then the recipe's settings, then explicit overrides."""
-    recipe = recipe or overrides.pop("recipe", None) or DEFAULT_RECIPE
+    recipe = recipe or overrides.pop("recipe", None) or default_recipe(overrides.get("model"))
     overrides.pop("recipe", None)
     if recipe not in RECIPES:
         raise unknown_choice("recipe", recipe, RECIPES)

@@ -7,6 +7,7 @@ in memory, so training can index batches straight out of one tensor.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import pickle
 import warnings
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import CnnkitError, CnnkitWarning, DownloadError, SettingsError, unknown_choice
+from .errors import CnnkitError, CnnkitWarning, DownloadError, SettingsError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tiff", ".tif")
 DOWNLOADABLE = ("cifar10", "cifar100", "mnist", "fashion-mnist")
@@ -101,12 +102,28 @@ class StreamSplit:
 @dataclass
 class Dataset:
     name: str           # short name, used to name runs
-    source: str         # what to pass to load_dataset to get this data again
+    source: str         # what to pass to load_dataset to get this data again (absolute path)
     classes: list[str]
     train: Split
-    val: Split          # the official test split, or a held-out part of train
-    val_name: str       # "test" or "val"
+    val: Split          # a val/ folder, a held-out part of train, or the test split
+    val_name: str       # "val", or "test" when the test split doubles as validation
     notes: list = field(default_factory=list)  # what the user should be told (e.g. streaming)
+    test: Split | None = None  # a test split kept apart from validation (train/ val/ test/)
+    held_out: bool = False     # val was drawn from train (--val-fraction), not given
+
+    @property
+    def splits(self) -> dict[str, Split]:
+        """The splits `cnnkit eval --split` can name, each image in exactly one of them."""
+        named = {"train": self.train, self.val_name: self.val}
+        if self.test is not None:
+            named["test"] = self.test
+        return named
+
+    @property
+    def default_eval_split(self) -> str:
+        """What a report is about unless told otherwise: the test split when there is one,
+        else validation. Never all images: that would count the training images."""
+        return "test" if "test" in self.splits else "val"
 
     @property
     def in_channels(self) -> int:
@@ -158,7 +175,31 @@ def load_dataset(source: str, *, data_dir: str | None = None, image_size: int | 
         return Dataset(name, src, classes, train, test, "test")
     train_idx, val_idx = stratified_split(train.labels, val_fraction or DEFAULT_VAL_FRACTION,
                                           seed)
-    return Dataset(name, src, classes, train.subset(train_idx), train.subset(val_idx), "val")
+    return Dataset(name, src, classes, train.subset(train_idx), train.subset(val_idx), "val",
+                   test=test, held_out=True)
+
+
+def load_run_data(settings: dict, source: str | None = None,
+                  image_size: int | None = None) -> Dataset:
+    """The data a run trained on, rebuilt with the run's own settings (the same validation
+    split for the same seed). `source` is the absolute path or data set name saved with
+    the run, so this works from any working folder; `settings` is the run's config."""
+    typed = settings.get("data") or source
+    source = source or settings.get("data_source") or typed
+    if source.lower() not in BUILTIN and not Path(source).exists():
+        raise CnnkitError(f"no such folder: {typed} (looked in {Path(source).absolute()}); "
+                          "the run's data has moved: pass --data PATH")
+    return load_dataset(source, data_dir=settings.get("data_dir"), image_size=image_size,
+                        val_fraction=settings.get("val_fraction"), seed=settings.get("seed", 0),
+                        strict=settings.get("strict", False), max_memory=settings.get("max_memory"),
+                        stream=True if settings.get("stream") else None)
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether two --data values name the same data (a name, or a path spelled any way)."""
+    if a.lower() in BUILTIN or b.lower() in BUILTIN:
+        return a.lower() == b.lower()
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 NATIVE_INPUT = {"cifar10": (3, 32), "cifar100": (3, 32), "mnist": (1, 28),
@@ -172,10 +213,13 @@ def check_source(source: str) -> Path | None:
         return None
     path = Path(source).expanduser()
     if not path.exists():
-        if os.sep not in source and "." not in source:  # looks like a mistyped name
-            raise unknown_choice("data set", source, BUILTIN)
-        raise SettingsError(f"data source {source!r} is neither a known data set "
-                            f"({', '.join(BUILTIN)}) nor an existing path")
+        looked = f"no such folder: {source} (looked in {path.absolute()})"
+        close = difflib.get_close_matches(source.lower(), BUILTIN, n=1, cutoff=0.6)
+        if close and os.sep not in source:  # a mistyped data set name
+            raise SettingsError(f"unknown data set {source!r} (did you mean {close[0]}?), and "
+                                f"{looked}")
+        raise SettingsError(f"{looked}; --data takes a folder, a CSV or a data set name "
+                            f"({', '.join(BUILTIN)})")
     if not path.is_dir() and path.suffix.lower() != ".csv":
         raise SettingsError(f"data source {source!r} is a file; pass a folder (an image "
                             "folder with one subfolder per class, or a CIFAR python folder) "
@@ -362,7 +406,9 @@ def memory_budget() -> float:
 
 def _file_dataset(path: Path, size: int, strict: bool, val_fraction, seed, stream,
                   max_memory) -> Dataset:
-    """An image folder (class subfolders), a folder with train/ and val/ (or test/), or a CSV."""
+    """An image folder (class subfolders), a CSV, or a folder with train/ and any of val/
+    and test/ (Ultralytics' classify layout): train/ trains, val/ validates, test/ is kept
+    for `cnnkit eval --split test`; test/ alone doubles as validation."""
     if path.is_file():
         classes, files, labels = _csv_listing(path)
         parts = {"train": (files, labels)}
@@ -372,7 +418,6 @@ def _file_dataset(path: Path, size: int, strict: bool, val_fraction, seed, strea
         for held in ("val", "test"):
             if (path / held).is_dir():
                 parts[held] = _class_folder(path / held, classes)[1:]
-                break
     else:
         classes, files, labels = _class_folder(path)
         parts = {"train": (files, labels)}
@@ -392,17 +437,21 @@ def _file_dataset(path: Path, size: int, strict: bool, val_fraction, seed, strea
                             torch.tensor([train_labels[i] for i in keep]), size)
     else:
         train = _decode_all(train_files, train_labels, size, strict, path)
-    held = next((k for k in ("val", "test") if k in parts), None)
-    if held and val_fraction is None:
-        val = _decode_all(*parts[held], size, strict, path / held)
-        return Dataset(path.stem, str(path.resolve()), classes, train, val, held, notes)
+    # Held-out splits are held in memory: they are evaluated and drawn on.
+    held = {k: _decode_all(*parts[k], size, strict, path / k) for k in ("val", "test")
+            if k in parts}
+    src = str(path.resolve())
+    if val_fraction is None and held:
+        val_name = "val" if "val" in held else "test"
+        return Dataset(path.stem, src, classes, train, held[val_name], val_name, notes,
+                       test=held.get("test") if val_name == "val" else None)
     train_idx, val_idx = stratified_split(train.labels, val_fraction or DEFAULT_VAL_FRACTION,
                                           seed)
     val = train.subset(val_idx)
-    if isinstance(val, StreamSplit):  # validation is held in memory: it is drawn on
+    if isinstance(val, StreamSplit):
         val = Split(val.head(len(val)), val.labels)
-    return Dataset(path.stem, str(path.resolve()), classes, train.subset(train_idx), val,
-                   "val", notes)
+    return Dataset(path.stem, src, classes, train.subset(train_idx), val, "val", notes,
+                   test=held.get("test"), held_out=True)
 
 
 # --- local CIFAR copies ---------------------------------------------------------------

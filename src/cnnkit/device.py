@@ -39,3 +39,9 @@ def select_runtime(name: str = "auto", local_rank: int | None = None) -> Runtime
     if device.type != "cpu":
         raise SettingsError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return Runtime(device, torch.float32, torch.channels_last)
+
+
+def synchronize(runtime: Runtime) -> None:
+    """Wait for the device's queued work, so a timer measures it (a no-op on the CPU)."""
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)

@@ -10,6 +10,7 @@ processes and gathers the results, which equal a single process's exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -46,57 +47,95 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator, world: int 
     return batches
 
 
-def train_one_epoch(model: nn.Module, data: Split, *, optimizer: torch.optim.Optimizer,
-                    scheduler, batch_size: int, epoch: int, generator: torch.Generator,
-                    augment: Augment, mean, std, runtime: Runtime, label_smoothing: float = 0.0,
-                    seed: int = 0, progress: bool = False, ema=None, ema_every: int = 5,
-                    max_batches: int | None = None,
-                    class_weights: torch.Tensor | None = None,
-                    dist: Dist = SINGLE) -> EpochStats:
+@dataclass
+class TrainStep:
+    """What every optimizer step of a run uses, built once: `train_one_epoch` and the
+    lr range test both step through `train_step` with it."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    augment: Augment
+    mean: list[float]
+    std: list[float]
+    runtime: Runtime
+    label_smoothing: float = 0.0
+    class_weights: torch.Tensor | None = None
+    seed: int = 0
+    dist: Dist = SINGLE
+    ema: nn.Module | None = None
+    ema_every: int = 5
+
+
+def train_step(model: nn.Module, s: TrainStep, batch: torch.Tensor, index: torch.Tensor,
+               images: torch.Tensor, y: torch.Tensor, *, epoch: int,
+               generator: torch.Generator, batch_labels: torch.Tensor) -> tuple:
+    """One optimizer step on this process's share (index, images, y) of the global batch
+    `batch` (whose labels are `batch_labels`): augment, forward, loss, backward, step.
+    Returns the global-batch mean loss and this share's logits, both detached."""
+    device = s.runtime.device
+    x = to_input(images, s.mean, s.std)
+    if s.augment.active:
+        # Drawn for the whole global batch on every process, so the random stream (and
+        # the run) is the same whatever the number of processes.
+        draws = s.augment.sample(len(batch), x.shape[2:], generator_for(generator, device),
+                                 device)
+        if s.dist.enabled:
+            rows = s.dist.share(torch.arange(len(batch), device=device))
+            draws = {k: v[rows] for k, v in draws.items()}
+        x = s.augment.apply(x, index, epoch, draws, s.seed)
+    x = x.contiguous(memory_format=s.runtime.memory_format)
+    with torch.autocast(device.type, dtype=s.runtime.dtype, enabled=s.runtime.autocast):
+        logits = model(x)
+        loss_sum = F.cross_entropy(logits.float(), y, weight=s.class_weights,
+                                   label_smoothing=s.label_smoothing, reduction="sum")
+    # The mean over the global batch. DDP averages gradients over the processes, so
+    # each process's part is scaled by their number: the step equals one process's.
+    total = len(batch) if s.class_weights is None else \
+        s.class_weights[batch_labels.to(device)].sum()
+    loss = loss_sum / total * s.dist.world
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}")
+    s.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    s.optimizer.step()
+    s.scheduler.step()
+    return loss.detach() / s.dist.world, logits.detach()
+
+
+def train_one_epoch(model: nn.Module, data: Split, s: TrainStep, *, batch_size: int,
+                    epoch: int, generator: torch.Generator, max_batches: int | None = None,
+                    progress: bool = False) -> EpochStats:
     """One pass over `data` in a fresh seeded order (or its first `max_batches` batches,
     when a time budget ends the run mid-epoch). `batch_size` is the global batch: under DDP
     this process trains on its share of each one."""
     model.train()
-    device = runtime.device
+    device = s.runtime.device
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss × images, correct, images
-    batches = batch_order(len(data), batch_size, generator, dist.world)[:max_batches]
-    shares = [dist.share(b) for b in batches]
+    batches = batch_order(len(data), batch_size, generator, s.dist.world)[:max_batches]
+    shares = [s.dist.share(b) for b in batches]
     stream = tqdm(data.iterate(shares, device), total=len(batches), desc=f"epoch {epoch}",
                   leave=False, disable=not progress, unit="batch")
     for step, (batch, (index, images, y)) in enumerate(zip(batches, stream)):
-        x = to_input(images, mean, std)
-        if augment.active:
-            # Drawn for the whole global batch on every process, so the random stream (and
-            # the run) is the same whatever the number of processes.
-            draws = augment.sample(len(batch), x.shape[2:], generator_for(generator, device),
-                                   device)
-            if dist.enabled:
-                rows = dist.share(torch.arange(len(batch), device=device))
-                draws = {k: v[rows] for k, v in draws.items()}
-            x = augment.apply(x, index, epoch, draws, seed)
-        x = x.contiguous(memory_format=runtime.memory_format)
-        with torch.autocast(device.type, dtype=runtime.dtype, enabled=runtime.autocast):
-            logits = model(x)
-            loss_sum = F.cross_entropy(logits.float(), y, weight=class_weights,
-                                       label_smoothing=label_smoothing, reduction="sum")
-        # The mean over the global batch. DDP averages gradients over the processes, so
-        # each process's part is scaled by their number: the step equals one process's.
-        total = len(batch) if class_weights is None else \
-            class_weights[data.labels[batch].to(device)].sum()
-        loss = loss_sum / total * dist.world
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if ema is not None and step % ema_every == ema_every - 1:
-            ema.update_parameters(model)
-        totals[0] += loss.detach() * len(batch) / dist.world
+        try:
+            loss, logits = train_step(model, s, batch, index, images, y, epoch=epoch,
+                                      generator=generator, batch_labels=data.labels[batch])
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(f"{e}, step {step}") from None
+        if s.ema is not None and step % s.ema_every == s.ema_every - 1:
+            s.ema.update_parameters(model)
+        totals[0] += loss * len(batch)
         totals[1] += (logits.argmax(1) == y).sum()
         totals[2] += len(index)
-    loss_total, correct, seen = distributed.all_sum(dist, totals).tolist()
+    loss_total, correct, seen = distributed.all_sum(s.dist, totals).tolist()
     return EpochStats(loss_total / max(seen, 1), correct / max(seen, 1))
+
+
+def to_device(split, runtime: Runtime, dist: Dist = SINGLE):
+    """In-memory data moves to the training device once; streamed data stays on disk, and
+    processes sharing a machine share its decoding workers."""
+    if not isinstance(split, Split):
+        return dataclasses.replace(split, workers=max(1, split.workers // dist.local_world)) \
+            if dist.enabled else split
+    return Split(split.images.to(runtime.device), split.labels.to(runtime.device))
 
 
 def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -142,7 +181,7 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int, mirror: bool = Tru
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: Split, *, mean, std, runtime: Runtime, num_classes: int,
+def evaluate_split(model: nn.Module, data: Split, *, mean, std, runtime: Runtime, num_classes: int,
              batch_size: int = 500, tta: int = 0, mirror: bool = True,
              dist: Dist = SINGLE) -> EvalResult:
     """Loss, accuracy, confusion matrix and probabilities over `data`. Under DDP the

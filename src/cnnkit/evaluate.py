@@ -6,53 +6,74 @@ from pathlib import Path
 import torch
 
 from .checkpoint import LoadedModel, load
-from .data import Split, load_dataset
+from .data import Dataset, Split, load_dataset, load_run_data, same_source
 from .device import select_runtime
-from .engine import evaluate as run_eval
-from .errors import CnnkitError
+from .engine import evaluate_split
+from .errors import CnnkitError, unknown_choice
 from .metrics import evaluation_record
-from .report import draw
+from .report import write_report
 
 
-def evaluate(run, data: str | None = None, *, device: str = "auto", batch_size: int = 500,
-             data_dir: str | None = None, tta: int | None = None,
-             out: str | Path | None = None) -> dict:
-    """Evaluate a run folder or checkpoint.
+SPLITS = ("train", "val", "test", "all")
 
-    Without `data`, on the run's own validation (or test) split, rebuilt from its config.
-    With `data`, on that source's test split, or on all of its images if it has none.
-    `tta` defaults to the level the run was evaluated with during training. With `out`,
-    the pictures and report.html of an evaluation are written there.
+
+def evaluate(run, data: str | None = None, *, split: str | None = None, device: str = "auto",
+             batch_size: int = 500, data_dir: str | None = None, tta: int | None = None,
+             out: str | Path | None = None, log=None) -> dict:
+    """Evaluate a run folder or checkpoint on one split of its data, or of `data`.
+
+    `split` is train, val, test or all; by default the test split when the data has one,
+    else validation (for the run's own data, the very images it was validated on). Data
+    the run never saw, with no split of its own, is evaluated whole ("all"), and `log`
+    is told so. `tta` defaults to the level the run was evaluated with during training.
+    With `out`, the pictures and report.html of the evaluation are written there.
     """
+    if split is not None and split not in SPLITS:
+        raise unknown_choice("split", split, SPLITS)
     runtime = select_runtime(device)
     lm = run if isinstance(run, LoadedModel) else load(run, runtime.device)
     lm.model.to(runtime.device, memory_format=runtime.memory_format)
-    if data is None:
-        cfg = lm.config
-        ds = load_dataset(cfg.get("data_source") or cfg["data"], data_dir=cfg.get("data_dir"),
-                          image_size=lm.image_size[0], val_fraction=cfg.get("val_fraction"),
-                          seed=cfg.get("seed", 0), strict=cfg.get("strict", False))
-        split, split_name = ds.val, ds.val_name
+    own = data is None or (lm.data_source and same_source(data, lm.data_source))
+    if own:  # the run's data, with its own validation split
+        ds = load_run_data(lm.config, lm.data_source if data is None else data,
+                           image_size=lm.image_size[0])
     else:
         ds = load_dataset(data, data_dir=data_dir, image_size=lm.image_size[0])
-        if ds.val_name == "test":
-            split, split_name = ds.val, "test"
-        else:
-            split = Split(torch.cat([ds.train.images, ds.val.images]),
-                          torch.cat([ds.train.labels, ds.val.labels]))
-            split_name = "all"
     _check_compatible(lm, ds.classes, ds.in_channels)
-    split = Split(split.images.to(runtime.device), split.labels.to(runtime.device))
-    ev = run_eval(lm.model, split, mean=lm.mean, std=lm.std, runtime=runtime,
-                  num_classes=len(lm.classes), batch_size=batch_size,
-                  tta=lm.config.get("tta", 0) if tta is None else tta,
-                  mirror=lm.config.get("flip", "none") != "none")
-    record = evaluation_record(ev.confusion, ev.loss, lm.classes, ds.source, split_name)
+    name = split or ds.default_eval_split
+    if split is None and not own and ds.held_out and ds.test is None:
+        name = "all"  # data this run never saw, with no split of its own
+        if log is not None:
+            log(f"{data} has no test or val split of its own: evaluating all of its images")
+    images = _split_of(ds, name)
+    images = Split(images.images.to(runtime.device), images.labels.to(runtime.device))
+    ev = evaluate_split(lm.model, images, mean=lm.mean, std=lm.std, runtime=runtime,
+                        num_classes=len(lm.classes), batch_size=batch_size,
+                        tta=lm.config.get("tta", 0) if tta is None else tta,
+                        mirror=lm.config.get("flip", "none") != "none")
+    record = evaluation_record(ev.confusion, ev.loss, lm.classes, ds.source, name)
     if out is not None:
-        draw(Path(out), evaluation=record, images=split.images, labels=split.labels,
-             probs=ev.probs, settings={"model": lm.name, "checkpoint": lm.path},
-             model=load(lm.path) if lm.path else None)
+        write_report(Path(out), evaluation=record, images=images.images, labels=images.labels,
+                     probs=ev.probs, settings={"model": lm.name, "checkpoint": lm.path},
+                     model=load(lm.path) if lm.path else None)
     return record
+
+
+def _split_of(ds: Dataset, name: str) -> Split:
+    """One split held in memory; "all" is every image once; "val" and "test" are the same
+    images when the test split doubles as validation."""
+    splits = dict(ds.splits)
+    if ds.val_name == "test":
+        splits["val"] = ds.val
+    if name == "all":
+        parts = list(ds.splits.values())
+    elif name in splits:
+        parts = [splits[name]]
+    else:
+        raise CnnkitError(f"{ds.source} has no {name} split; choose --split "
+                          f"{' or '.join(sorted(set(splits) | {'all'}))}")
+    parts = [p if isinstance(p, Split) else Split(p.head(len(p)), p.labels) for p in parts]
+    return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
 
 
 def _check_compatible(lm: LoadedModel, classes: list[str], in_channels: int) -> None:

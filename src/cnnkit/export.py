@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from . import __version__
 from .checkpoint import LoadedModel, load, read_checkpoint, save_safetensors
+from .data import load_run_data
 from .errors import CnnkitError, SettingsError, unknown_choice
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -92,14 +93,9 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict) 
 def _real_images(lm: LoadedModel, n: int = 32) -> torch.Tensor:
     """Validation images of the run's own data, to verify the export on; random pixels only
     when that data is no longer there."""
-    from .data import load_dataset
-    cfg = lm.config
     try:
-        ds = load_dataset(cfg.get("data_source") or cfg["data"], data_dir=cfg.get("data_dir"),
-                          image_size=lm.image_size[0], val_fraction=cfg.get("val_fraction"),
-                          seed=cfg.get("seed", 0))
-        return ds.val.images[:n]
-    except (CnnkitError, KeyError, OSError):
+        return load_run_data(lm.config, lm.data_source, image_size=lm.image_size[0]).val.images[:n]
+    except (CnnkitError, OSError):
         g = torch.Generator().manual_seed(0)
         return torch.randint(0, 256, (n, lm.in_channels, *lm.image_size), generator=g,
                              dtype=torch.uint8)

@@ -1,5 +1,7 @@
 """The learning-rate range test (Smith 2015; fastai's lr_find): the lr grows exponentially
-for about 100 steps until the loss diverges; the model and optimizer are restored after."""
+for about 100 steps until the loss diverges; the model and optimizer are restored after.
+Each step is the training loop's own (`engine.train_step`): the same autocast, loss,
+label smoothing, augmentation and per-group lr multipliers as `cnnkit train`."""
 from __future__ import annotations
 
 import copy
@@ -8,25 +10,33 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .config import make_config
-from .device import Runtime, select_runtime
-from .engine import batch_order
+from .device import select_runtime
+from .engine import NonFiniteLoss, TrainStep, batch_order, to_device, train_step
 from .optim import build_optimizer
 from .plots import plot_lr_find
-from .transforms import Augment, to_input
+from .setup import preflight, prepare
+from .transforms import Augment
 
 
-def lr_range_test(model, optimizer, data, *, mean, std, runtime: Runtime,
-                  batch_size: int, augment: Augment, start: float = 1e-7, end: float = 10.0,
-                  steps: int = 100, seed: int = 0, smooth: float = 0.98) -> dict:
-    """Train for up to `steps` batches with lr from `start` to `end` (exponentially), stop
+def lr_range_test(model, data, step: TrainStep, *, batch_size: int, base_lr: float,
+                  start: float = 1e-7, end: float = 10.0, steps: int = 100, seed: int = 0,
+                  smooth: float = 0.98) -> dict:
+    """Train for up to `steps` batches with the lr of `base_lr`'s parameter group going
+    from `start` to `end` (exponentially; every other group keeps its ratio to it), stop
     when the smoothed loss exceeds 4× its minimum, then put the model and optimizer back
-    exactly as they were. Returns lrs, smoothed losses and a suggested lr (where the loss
-    falls fastest)."""
+    exactly as they were. `step.scheduler` is replaced. Returns lrs, smoothed losses and a
+    suggested lr (where the loss falls fastest)."""
     saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = copy.deepcopy(optimizer.state_dict())
+    saved_opt = copy.deepcopy(step.optimizer.state_dict())
+    saved_lrs = [g["lr"] for g in step.optimizer.param_groups]
+
+    def lr_at(k: int) -> float:
+        return start * (end / start) ** (k / max(steps - 1, 1))
+    # LambdaLR scales each group's own lr by the factor: multipliers stay in proportion.
+    step = dataclasses.replace(step, scheduler=torch.optim.lr_scheduler.LambdaLR(
+        step.optimizer, lambda k: lr_at(k) / base_lr))
     generator = torch.Generator().manual_seed(seed)
     lrs, losses, avg, best = [], [], 0.0, math.inf
     model.train()
@@ -34,31 +44,27 @@ def lr_range_test(model, optimizer, data, *, mean, std, runtime: Runtime,
         batches = []
         while len(batches) < steps:
             batches += batch_order(len(data), batch_size, generator)
-        for step, (index, images, labels) in enumerate(data.iterate(batches[:steps],
-                                                                    runtime.device)):
-            lr = start * (end / start) ** (step / max(steps - 1, 1))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = to_input(images, mean, std)
-            x = augment(x, index, 0, generator, seed) if augment.active else x
-            x = x.contiguous(memory_format=runtime.memory_format)
-            loss = F.cross_entropy(model(x), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
+        batches = batches[:steps]
+        for k, (batch, (index, images, labels)) in enumerate(
+                zip(batches, data.iterate(batches, step.runtime.device))):
+            try:
+                loss, _ = train_step(model, step, batch, index, images, labels, epoch=0,
+                                     generator=generator, batch_labels=data.labels[batch])
+            except NonFiniteLoss:
                 break
+            value = float(loss)
             avg = smooth * avg + (1 - smooth) * value
-            smoothed = avg / (1 - smooth ** (step + 1))
-            lrs.append(lr)
+            smoothed = avg / (1 - smooth ** (k + 1))
+            lrs.append(lr_at(k))
             losses.append(smoothed)
             best = min(best, smoothed)
-            if step > 10 and smoothed > 4 * best:
+            if k > 10 and smoothed > 4 * best:
                 break
     finally:
         model.load_state_dict(saved_model)
-        optimizer.load_state_dict(saved_opt)
+        step.optimizer.load_state_dict(saved_opt)
+        for group, lr in zip(step.optimizer.param_groups, saved_lrs):
+            group["lr"] = lr
     return {"lrs": lrs, "losses": losses, "suggested_lr": _steepest(lrs, losses)}
 
 
@@ -76,18 +82,16 @@ def lr_find(out: str | Path = "lr-find.png", *, steps: int = 100, start: float =
             end: float = 10.0, **settings) -> dict:
     """Build the data and model a `train` with these settings would use, run the range
     test, and save a plot of loss against lr. `cnnkit.lr_find(data="digits")`."""
-    from .train import prepare, preflight
-
     cfg = make_config(**settings)
     runtime = select_runtime(cfg.device)
     preflight(dataclasses.replace(cfg, out=None))
     cfg, ds, model, _, mean, std = prepare(cfg, runtime)
     model.to(runtime.device, memory_format=runtime.memory_format)
-    data = ds.train
-    result = lr_range_test(model, build_optimizer(model, cfg), data, mean=mean, std=std,
-                           runtime=runtime, batch_size=cfg.batch_size,
-                           augment=Augment(cfg.flip, cfg.translate, cfg.cutout),
-                           start=start, end=end, steps=steps, seed=cfg.seed)
+    step = TrainStep(build_optimizer(model, cfg), None, Augment(cfg.flip, cfg.translate,
+                     cfg.cutout), mean, std, runtime, cfg.label_smoothing, seed=cfg.seed)
+    result = lr_range_test(model, to_device(ds.train, runtime), step,
+                           batch_size=cfg.batch_size, base_lr=cfg.lr, start=start, end=end,
+                           steps=steps, seed=cfg.seed)
     result["plot"] = str(plot_lr_find(result["lrs"], result["losses"], result["suggested_lr"],
                                       Path(out)))
     return result

@@ -11,6 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
+from .errors import CnnkitError  # noqa: E402
+from .runs import read_metrics  # noqa: E402
+
 
 def image_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str], out: Path,
                title: str | None = None) -> Path:
@@ -181,3 +184,13 @@ def plot_compare(runs: dict[str, list[dict]], out: Path) -> Path:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def compare_runs(runs: list[str | Path], out: str | Path) -> Path:
+    """The curves of several run folders overlaid in one picture."""
+    curves = {}
+    for run in runs:
+        if not (Path(run) / "metrics.csv").is_file():
+            raise CnnkitError(f"{run} is not a run folder (no metrics.csv)")
+        curves[Path(run).name] = read_metrics(Path(run))
+    return plot_compare(curves, Path(out))

@@ -22,7 +22,7 @@ def most_confused(confusion: torch.Tensor, classes: list[str], k: int = 5) -> li
             for i in flat.tolist() if off.flatten()[i] > 0]
 
 
-def draw(out: Path, *, evaluation: dict, images: torch.Tensor, labels: torch.Tensor,
+def write_report(out: Path, *, evaluation: dict, images: torch.Tensor, labels: torch.Tensor,
          probs: torch.Tensor, metrics: list[dict] | None = None, settings: dict | None = None,
          top_k: int = 16, model=None) -> Path:
     """Write curves.png (with metrics), confusion.png, per-class.png, top-losses.png,

@@ -1,12 +1,91 @@
-"""Look across runs: a table of the runs in a folder, and their curves overlaid."""
+"""Run folders: created without overwriting anything and locked while a run writes them;
+their metrics.csv; and a look across runs (a table of the runs in a folder)."""
 from __future__ import annotations
 
 import csv
+import fcntl
+import io
 import json
 from pathlib import Path
 
-from .errors import CnnkitError
-from .plots import plot_compare
+from .checkpoint import atomic_write
+from .errors import CnnkitError, SettingsError
+
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds",
+                  "val_seconds"]
+
+
+class RunFolder:
+    """The run folder, created (or reopened to resume) and locked for the run: a second
+    training pointed at the same folder refuses instead of overwriting it. The lock is an
+    flock, so it dies with the process, even on SIGKILL."""
+
+    def __init__(self, existing: Path | None, out: str | None, name: str, resume: bool):
+        self.existing, self.out, self.name, self.resume = existing, out, name, resume
+        self.lock = None
+
+    def __enter__(self) -> Path:
+        path = self.existing if self.resume else self._create()
+        try:
+            self.lock = open(path / ".lock", "a")
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            raise CnnkitError(f"another cnnkit training is writing to {path}; wait for it "
+                              "or use another --out") from None
+        except OSError as e:
+            raise CnnkitError(f"cannot write to run folder {path}: {e.strerror}") from None
+        if not self.resume and any(p.name != ".lock" for p in path.iterdir()):
+            raise CnnkitError(f"{path} was filled by another training while this one "
+                              "started; nothing was overwritten")
+        return path
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.close()
+
+    def _create(self) -> Path:
+        if self.out is not None:
+            out = Path(self.out)
+            check_new_run_dir(out)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CnnkitError(f"cannot create run folder {out}: {e.strerror}") from None
+            return out
+        root = Path("runs")
+        try:
+            root.mkdir(exist_ok=True)
+        except OSError as e:
+            raise CnnkitError(f"cannot create {root.resolve()}: {e.strerror}; pass --out")
+        for n in range(1, 10_000):
+            path = root / (self.name if n == 1 else f"{self.name}-{n}")
+            try:
+                path.mkdir()  # atomic: two runs starting together get different folders
+                return path
+            except FileExistsError:
+                continue
+        raise CnnkitError(f"too many runs named {self.name} in {root}; pass --out")
+
+
+def check_new_run_dir(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(p.name != ".lock" for p in path.iterdir())):
+        raise SettingsError(f"--out {path} already exists and is not empty; cnnkit never "
+                            f"overwrites a run: pick another folder, or --resume it")
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    """The whole table, rewritten atomically each epoch: it never holds a torn row."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(METRIC_COLUMNS)
+    for row in rows:
+        writer.writerow([_fmt(row[c]) for c in METRIC_COLUMNS])
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -46,12 +125,3 @@ def format_runs(rows: list[dict]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths))
                      for line in [head] + table)
-
-
-def compare(runs: list[str | Path], out: str | Path) -> Path:
-    curves = {}
-    for run in runs:
-        if not (Path(run) / "metrics.csv").is_file():
-            raise CnnkitError(f"{run} is not a run folder (no metrics.csv)")
-        curves[Path(run).name] = read_metrics(Path(run))
-    return plot_compare(curves, Path(out))

@@ -2,11 +2,7 @@
 run folder with config.json, metrics.csv, last.pt and best.pt."""
 from __future__ import annotations
 
-import copy
-import csv
 import dataclasses
-import fcntl
-import io
 import json
 import signal
 import sys
@@ -21,21 +17,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__, distributed
-from .checkpoint import (atomic_write, describe, load, load_weights, read_checkpoint,
-                         save_checkpoint)
-from .config import Config, field_names, fill_recipe_defaults, make_config, parse_widths
-from .data import Dataset, Split, check_source, expected_input, load_dataset
-from .device import Runtime, select_runtime
-from .engine import NonFiniteLoss, balanced_weights, batch_order, evaluate, train_one_epoch
+from .checkpoint import atomic_write, load, read_checkpoint, save_checkpoint
+from .config import Config, field_names, make_config
+from .data import Dataset
+from .device import Runtime, select_runtime, synchronize
+from .engine import (NonFiniteLoss, TrainStep, balanced_weights, batch_order, evaluate_split,
+                     to_device, train_one_epoch)
 from .errors import CnnkitError, Interrupted, SettingsError
-from .models import create_model, model_entry
 from .metrics import evaluation_record
 from .optim import build_ema, build_optimizer, build_scheduler
-from .report import draw
-from .transforms import Augment, channel_stats, to_input
-
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds",
-                  "val_seconds"]
+from .report import write_report
+from .runs import RunFolder, write_metrics
+from .setup import plan_steps, preflight, prepare, start_weights
+from .transforms import Augment
 
 
 @dataclass
@@ -96,8 +90,8 @@ def _train(cfg: Config, state, resume, dist: distributed.Dist, runtime: Runtime,
     model.to(runtime.device, memory_format=runtime.memory_format)
     wrap = _wrapper(cfg, dist, runtime)
 
-    train_data = _to_device(ds.train, runtime, dist)
-    val_data = _to_device(ds.val, runtime, dist)
+    train_data = to_device(ds.train, runtime, dist)
+    val_data = to_device(ds.val, runtime, dist)
     steps_per_epoch = len(batch_order(len(train_data), cfg.batch_size, torch.Generator(),
                                       dist.world))
     augment = Augment(cfg.flip, cfg.translate, cfg.cutout)
@@ -118,6 +112,8 @@ def _train(cfg: Config, state, resume, dist: distributed.Dist, runtime: Runtime,
     class_weights = balanced_weights(train_data.labels, len(ds.classes)).to(runtime.device) \
         if cfg.balance else None
     generator = torch.Generator().manual_seed(cfg.seed)  # the same on every process
+    step = TrainStep(optimizer, scheduler, augment, mean, std, runtime, cfg.label_smoothing,
+                     class_weights, cfg.seed, dist, ema)
     result = TrainResult(Path(resume) if resume else None, cfg)
     first_epoch, steps_done = 0, 0
     if state is not None:
@@ -164,24 +160,20 @@ def _train(cfg: Config, state, resume, dist: distributed.Dist, runtime: Runtime,
                     torch.manual_seed(hash((cfg.seed, epoch, dist.rank)) % 2**63)
                 start = time.perf_counter()
                 try:
-                    stats = train_one_epoch(
-                        net, train_data, optimizer=optimizer, scheduler=scheduler,
-                        batch_size=cfg.batch_size, epoch=epoch, generator=generator,
-                        augment=augment, mean=mean, std=std, runtime=runtime,
-                        label_smoothing=cfg.label_smoothing, seed=cfg.seed, progress=progress,
-                        ema=ema, max_batches=total_steps - steps_done,
-                        class_weights=class_weights, dist=dist)
+                    stats = train_one_epoch(net, train_data, step, batch_size=cfg.batch_size,
+                                            epoch=epoch, generator=generator, progress=progress,
+                                            max_batches=total_steps - steps_done)
                 except NonFiniteLoss as e:
                     raise CnnkitError(f"training diverged: {e}; the checkpoints in {run_dir} "
                                       f"are from before it (try a lower --lr)") from None
-                _sync(runtime)
+                synchronize(runtime)
                 seconds = time.perf_counter() - start
                 steps_done += min(steps_per_epoch, total_steps - steps_done)
                 evaluated = ema.module if ema is not None else model
                 distributed.sync_buffers(dist, evaluated)
                 start = time.perf_counter()
                 # Test-time augmentation costs several forward passes: final epoch only.
-                ev = evaluate(evaluated, val_data, mean=mean, std=std, runtime=runtime,
+                ev = evaluate_split(evaluated, val_data, mean=mean, std=std, runtime=runtime,
                               num_classes=len(ds.classes), batch_size=cfg.eval_batch_size,
                               tta=cfg.tta if epoch == epochs - 1 else 0,
                               mirror=cfg.flip != "none", dist=dist)
@@ -217,7 +209,7 @@ def _train(cfg: Config, state, resume, dist: distributed.Dist, runtime: Runtime,
         if ev is not None and dist.main:  # the pictures and report.html of the final model
             record = evaluation_record(ev.confusion, ev.loss, ds.classes, ds.source, ds.val_name)
             settings = json.loads((run_dir / "config.json").read_text())
-            draw(run_dir, evaluation=record, images=ds.val.images, labels=ds.val.labels,
+            write_report(run_dir, evaluation=record, images=ds.val.images, labels=ds.val.labels,
                  probs=ev.probs, metrics=result.metrics, settings=settings,
                  model=load(run_dir / "last.pt"))
     total = sum(m["seconds"] for m in result.metrics)
@@ -234,7 +226,7 @@ def _save_epoch(run_dir: Path, ckpt: dict, improved: bool, train_state: dict) ->
             save_checkpoint(run_dir / "best.pt", ckpt)
         ckpt["train_state"] = train_state
         save_checkpoint(run_dir / "last.pt", ckpt)
-        _write_metrics(run_dir / "metrics.csv", train_state["history"])
+        write_metrics(run_dir / "metrics.csv", train_state["history"])
 
 
 def _wrapper(cfg: Config, dist: distributed.Dist, runtime: Runtime):
@@ -323,210 +315,6 @@ def _tensorboard(run_dir: Path, train_data, ds: Dataset):
     return writer
 
 
-def preflight(cfg: Config, check_out: bool = True) -> None:
-    """Check what can be checked before loading data: the model, the data source, whether
-    the images will be big enough for the model, the output folder and weights file."""
-    model_entry(cfg.model)
-    check_source(cfg.data)
-    channels, size = expected_input(cfg.data, cfg.image_size)
-    args = {"widths": parse_widths(cfg.width)} if cfg.width else {}
-    model = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size,
-                         **args).eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, channels, size, size))
-    except RuntimeError:
-        raise SettingsError(f"images of {size}×{size} are too small for {cfg.model}; pass a "
-                            "larger --image-size") from None
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise SettingsError("--tensorboard needs the tensorboard package: "
-                                "pip install 'cnnkit[tensorboard]'") from None
-    if cfg.weights and not Path(cfg.weights).is_file():
-        raise SettingsError(f"--weights {cfg.weights}: no such file")
-    if cfg.out is not None and check_out:  # (under DDP rank 0 may already have made it)
-        _check_new_run_dir(Path(cfg.out))
-
-
-def start_weights(model, cfg: Config, ds: Dataset) -> None:
-    """--pretrained (torchvision's ImageNet weights) or --weights FILE: a cnnkit checkpoint,
-    a .safetensors file, or, for a tv: model, a torchvision state_dict."""
-    if cfg.pretrained and not cfg.weights:
-        from .models.tv import pretrained_state
-        model.load_backbone(pretrained_state(cfg.model[3:]), f"ImageNet weights of {cfg.model}")
-    if not cfg.weights:
-        return
-    if hasattr(model, "load_backbone") and not cfg.weights.endswith(".safetensors"):
-        raw = torch.load(cfg.weights, map_location="cpu", weights_only=True) \
-            if Path(cfg.weights).is_file() else None
-        if isinstance(raw, dict) and "state_dict" not in raw:
-            model.load_backbone(raw, cfg.weights)
-            return
-    load_weights(model, read_checkpoint(cfg.weights),
-                 describe(cfg.model, len(ds.classes), ds.in_channels, ds.image_size), cfg.weights)
-
-
-def prepare(cfg: Config, runtime: Runtime):
-    """The data and the freshly initialised model a run with these settings trains:
-    (config with the recipe's open settings filled, dataset, model, model args, mean, std)."""
-    norm = None
-    if cfg.pretrained:  # the weights' own input size and normalization, unless given
-        from .models.tv import pretrained_info
-        info = pretrained_info(cfg.model[3:])
-        cfg = dataclasses.replace(cfg, image_size=cfg.image_size or info["image_size"])
-        norm = info["mean"], info["std"]
-    ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
-                      val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict,
-                      stream=True if cfg.stream else None, max_memory=cfg.max_memory)
-    cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type)
-    torch.manual_seed(cfg.seed)
-    model_args = {"widths": list(parse_widths(cfg.width))} if cfg.width else {}
-    model = create_model(cfg.model, num_classes=len(ds.classes), in_channels=ds.in_channels,
-                         image_size=ds.image_size, **model_args)
-    mean, std = channel_stats(ds.train.head(50_000)) if cfg.normalize else \
-        ([0.0] * ds.in_channels, [1.0] * ds.in_channels)
-    if norm is not None and ds.in_channels == 3:
-        mean, std = norm
-    if hasattr(model, "init_from_data"):  # e.g. fastnet's patch-whitening conv
-        model.init_from_data(to_input(ds.train.head(10_000), mean, std))
-    return cfg, ds, model, model_args, mean, std
-
-
-def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runtime,
-               steps_per_epoch: int, dist: distributed.Dist = distributed.SINGLE
-               ) -> tuple[int, str]:
-    """How many optimizer steps fit in cfg.time_budget, from step times measured on
-    throw-away copies of the model and optimizer (the run itself is untouched). fastnet's
-    first epochs also train the whitening bias and cost more per step, so both phases are
-    timed. Under DDP every process times its steps (communication included) and rank 0's
-    plan is everyone's."""
-    trial = copy.deepcopy(model)
-    optimizer = build_optimizer(trial, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.0)
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
-    kw = dict(optimizer=optimizer, scheduler=scheduler, batch_size=cfg.batch_size, epoch=0,
-              generator=generator, augment=augment, mean=mean, std=std, runtime=runtime,
-              label_smoothing=cfg.label_smoothing, dist=dist)
-    whiten = getattr(trial, "whiten", None)
-    early_steps = cfg.whiten_bias_epochs * steps_per_epoch \
-        if whiten is not None and whiten.bias is not None else 0
-
-    def seconds_per_step(bias_trains: bool, steps: int = 8) -> float:
-        if early_steps:
-            whiten.bias.requires_grad_(bias_trains)
-        net = wrap(trial)
-        train_one_epoch(net, data, max_batches=2, **kw)  # warm-up
-        _sync(runtime)
-        n = min(steps, steps_per_epoch)
-        start = time.perf_counter()
-        train_one_epoch(net, data, max_batches=n, **kw)
-        _sync(runtime)
-        return (time.perf_counter() - start) / n
-
-    late = seconds_per_step(False)
-    early = seconds_per_step(True) if early_steps else late
-    budget = cfg.time_budget
-    if budget <= early_steps * early:
-        total = budget / early
-    else:
-        total = early_steps + (budget - early_steps * early) / late
-    total = max(1, int(total))
-    return distributed.broadcast(dist, (total, (
-        f"time budget {budget:g}s at {late * 1000:.0f} ms/step "
-        f"({early * 1000:.0f} in the first {cfg.whiten_bias_epochs} epochs): "
-        f"{total} steps" if early_steps else
-        f"time budget {budget:g}s at {late * 1000:.0f} ms/step: {total} steps")))
-
-
-def _to_device(split, runtime: Runtime, dist: distributed.Dist = distributed.SINGLE):
-    """In-memory data moves to the training device once; streamed data stays on disk, and
-    processes sharing a machine share its decoding workers."""
-    if not isinstance(split, Split):
-        return dataclasses.replace(split, workers=max(1, split.workers // dist.local_world)) \
-            if dist.enabled else split
-    return Split(split.images.to(runtime.device), split.labels.to(runtime.device))
-
-
-def _sync(runtime: Runtime) -> None:
-    if runtime.device.type == "cuda":
-        torch.cuda.synchronize(runtime.device)
-
-
-def _fmt(v) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-    """The whole table, rewritten atomically each epoch: it never holds a torn row."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(METRIC_COLUMNS)
-    for row in rows:
-        writer.writerow([_fmt(row[c]) for c in METRIC_COLUMNS])
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
-
-
-def _check_new_run_dir(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or any(p.name != ".lock" for p in path.iterdir())):
-        raise SettingsError(f"--out {path} already exists and is not empty; cnnkit never "
-                            f"overwrites a run: pick another folder, or --resume it")
-
-
-class RunFolder:
-    """The run folder, created (or reopened to resume) and locked for the run: a second
-    training pointed at the same folder refuses instead of overwriting it. The lock is an
-    flock, so it dies with the process, even on SIGKILL."""
-
-    def __init__(self, existing: Path | None, out: str | None, name: str, resume: bool):
-        self.existing, self.out, self.name, self.resume = existing, out, name, resume
-        self.lock = None
-
-    def __enter__(self) -> Path:
-        path = self.existing if self.resume else self._create()
-        try:
-            self.lock = open(path / ".lock", "a")
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock.close()
-            raise CnnkitError(f"another cnnkit training is writing to {path}; wait for it "
-                              "or use another --out") from None
-        except OSError as e:
-            raise CnnkitError(f"cannot write to run folder {path}: {e.strerror}") from None
-        if not self.resume and any(p.name != ".lock" for p in path.iterdir()):
-            raise CnnkitError(f"{path} was filled by another training while this one "
-                              "started; nothing was overwritten")
-        return path
-
-    def __exit__(self, *exc) -> None:
-        if self.lock is not None:
-            self.lock.close()
-
-    def _create(self) -> Path:
-        if self.out is not None:
-            out = Path(self.out)
-            _check_new_run_dir(out)
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise CnnkitError(f"cannot create run folder {out}: {e.strerror}") from None
-            return out
-        root = Path("runs")
-        try:
-            root.mkdir(exist_ok=True)
-        except OSError as e:
-            raise CnnkitError(f"cannot create {root.resolve()}: {e.strerror}; pass --out")
-        for n in range(1, 10_000):
-            path = root / (self.name if n == 1 else f"{self.name}-{n}")
-            try:
-                path.mkdir()  # atomic: two runs starting together get different folders
-                return path
-            except FileExistsError:
-                continue
-        raise CnnkitError(f"too many runs named {self.name} in {root}; pass --out")
-
-
 def _run_meta(cfg: Config, ds: Dataset, mean, std, run_dir: Path, model_args: dict,
               dist: distributed.Dist) -> dict:
     return {**cfg.to_dict(), "processes": dist.world, "model_args": model_args,
@@ -580,6 +368,7 @@ def _resume_state(run_dir: Path, config, overrides: dict):
     saved = json.loads((run_dir / "config.json").read_text())
     cfg = Config(**{k: saved[k] for k in field_names() if k in saved})
     cfg = dataclasses.replace(cfg, epochs=ckpt["config"]["epochs"],
+                              data=saved.get("data_source") or cfg.data,
                               **{k: overrides[k] for k in machine if overrides.get(k)})
     state["epoch"] = ckpt["epoch"]
     return cfg, state

@@ -1,0 +1,140 @@
+"""Everything a run needs before its first step, shared by `train` and `lr-find`: the
+settings checked (`preflight`), the data and the freshly initialised model (`prepare`),
+the starting weights (`start_weights`), and a time budget turned into steps (`plan_steps`)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from .checkpoint import describe, load_weights, read_checkpoint
+from .config import Config, fill_recipe_defaults, parse_widths
+from .data import Dataset, check_source, expected_input, load_dataset
+from .device import Runtime, synchronize
+from .engine import TrainStep, train_one_epoch
+from .errors import SettingsError
+from .models import create_model, model_entry
+from .optim import build_optimizer
+from .runs import check_new_run_dir
+from .transforms import channel_stats, to_input
+
+
+def preflight(cfg: Config, check_out: bool = True) -> None:
+    """Check what can be checked before loading data: the model, the data source, whether
+    the images will be big enough for the model, the output folder and weights file."""
+    model_entry(cfg.model)
+    check_source(cfg.data)
+    channels, size = expected_input(cfg.data, cfg.image_size)
+    args = {"widths": parse_widths(cfg.width)} if cfg.width else {}
+    model = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size,
+                         **args).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, size, size))
+    except RuntimeError:
+        raise SettingsError(f"images of {size}×{size} are too small for {cfg.model}; pass a "
+                            "larger --image-size") from None
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise SettingsError("--tensorboard needs the tensorboard package: "
+                                "pip install 'cnnkit[tensorboard]'") from None
+    if cfg.weights and not Path(cfg.weights).is_file():
+        raise SettingsError(f"--weights {cfg.weights}: no such file")
+    if cfg.out is not None and check_out:  # (under DDP rank 0 may already have made it)
+        check_new_run_dir(Path(cfg.out))
+
+
+def start_weights(model, cfg: Config, ds: Dataset) -> None:
+    """--pretrained (torchvision's ImageNet weights) or --weights FILE: a cnnkit checkpoint,
+    a .safetensors file, or, for a tv: model, a torchvision state_dict."""
+    if cfg.pretrained and not cfg.weights:
+        from .models.tv import pretrained_state
+        model.load_backbone(pretrained_state(cfg.model[3:]), f"ImageNet weights of {cfg.model}")
+    if not cfg.weights:
+        return
+    if hasattr(model, "load_backbone") and not cfg.weights.endswith(".safetensors"):
+        raw = torch.load(cfg.weights, map_location="cpu", weights_only=True) \
+            if Path(cfg.weights).is_file() else None
+        if isinstance(raw, dict) and "state_dict" not in raw:
+            model.load_backbone(raw, cfg.weights)
+            return
+    load_weights(model, read_checkpoint(cfg.weights),
+                 describe(cfg.model, len(ds.classes), ds.in_channels, ds.image_size), cfg.weights)
+
+
+def prepare(cfg: Config, runtime: Runtime):
+    """The data and the freshly initialised model a run with these settings trains:
+    (config with the recipe's open settings filled, dataset, model, model args, mean, std)."""
+    norm = None
+    if cfg.pretrained:  # the weights' own input size and normalization, unless given
+        from .models.tv import pretrained_info
+        info = pretrained_info(cfg.model[3:])
+        cfg = dataclasses.replace(cfg, image_size=cfg.image_size or info["image_size"])
+        norm = info["mean"], info["std"]
+    ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
+                      val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict,
+                      stream=True if cfg.stream else None, max_memory=cfg.max_memory)
+    cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type)
+    torch.manual_seed(cfg.seed)
+    model_args = {"widths": list(parse_widths(cfg.width))} if cfg.width else {}
+    model = create_model(cfg.model, num_classes=len(ds.classes), in_channels=ds.in_channels,
+                         image_size=ds.image_size, **model_args)
+    mean, std = channel_stats(ds.train.head(50_000)) if cfg.normalize else \
+        ([0.0] * ds.in_channels, [1.0] * ds.in_channels)
+    if norm is not None and ds.in_channels == 3:
+        mean, std = norm
+    if hasattr(model, "init_from_data"):  # e.g. fastnet's patch-whitening conv
+        model.init_from_data(to_input(ds.train.head(10_000), mean, std))
+    return cfg, ds, model, model_args, mean, std
+
+
+def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runtime,
+               steps_per_epoch: int, dist: distributed.Dist = distributed.SINGLE
+               ) -> tuple[int, str]:
+    """How many optimizer steps fit in cfg.time_budget, from step times measured on
+    throw-away copies of the model and optimizer (the run itself is untouched). fastnet's
+    first epochs also train the whitening bias and cost more per step, so both phases are
+    timed. Under DDP every process times its steps (communication included) and rank 0's
+    plan is everyone's."""
+    trial = copy.deepcopy(model)
+    optimizer = build_optimizer(trial, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.0)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    step = TrainStep(optimizer, scheduler, augment, mean, std, runtime, cfg.label_smoothing,
+                     dist=dist)
+    kw = dict(batch_size=cfg.batch_size, epoch=0, generator=generator)
+    whiten = getattr(trial, "whiten", None)
+    early_steps = cfg.whiten_bias_epochs * steps_per_epoch \
+        if whiten is not None and whiten.bias is not None else 0
+
+    def seconds_per_step(bias_trains: bool, steps: int = 8) -> float:
+        if early_steps:
+            whiten.bias.requires_grad_(bias_trains)
+        net = wrap(trial)
+        train_one_epoch(net, data, step, max_batches=2, **kw)  # warm-up
+        synchronize(runtime)
+        n = min(steps, steps_per_epoch)
+        start = time.perf_counter()
+        train_one_epoch(net, data, step, max_batches=n, **kw)
+        synchronize(runtime)
+        return (time.perf_counter() - start) / n
+
+    late = seconds_per_step(False)
+    early = seconds_per_step(True) if early_steps else late
+    budget = cfg.time_budget
+    if budget <= early_steps * early:
+        total = budget / early
+    else:
+        total = early_steps + (budget - early_steps * early) / late
+    total = max(1, int(total))
+    return distributed.broadcast(dist, (total, (
+        f"time budget {budget:g}s at {late * 1000:.0f} ms/step "
+        f"({early * 1000:.0f} in the first {cfg.whiten_bias_epochs} epochs): "
+        f"{total} steps" if early_steps else
+        f"time budget {budget:g}s at {late * 1000:.0f} ms/step: {total} steps")))
