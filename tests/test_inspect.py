@@ -114,11 +114,12 @@ def test_report_gains_filters_and_gradcam(png_run):
 
 
 def test_filters_says_which_layer_it_drew_when_the_first_is_not_a_conv(tmp_path):
-    from cnnkit.checkpoint import LoadedModel
+    from cnnkit.checkpoint import LoadedModel, RunInfo
     stem = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 8, 3),
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                torch.nn.Linear(8, 2))
-    lm = LoadedModel(stem, "stem-net", ["a", "b"], (16, 16), 3, [0.0] * 3, [1.0] * 3)
+    lm = LoadedModel(stem, RunInfo(cnnkit.Config(model="stem-net"), ["a", "b"], 3, (16, 16),
+                                   [0.0] * 3, [1.0] * 3))
     r = filters(lm, tmp_path / "f.png")
     assert r["layer"] == "1" and "the first layer is 0, not a conv; drew 1" in r["note"]
     _nonblank(tmp_path / "f.png")

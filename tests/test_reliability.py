@@ -201,16 +201,16 @@ def test_safetensors_export_loads_to_identical_logits(tmp_path, png_run, png_sam
 
 
 def test_interrupt_during_epoch_writes_waits_and_a_second_one_stops_at_once():
-    from cnnkit.train import _deferred_interrupts
+    from cnnkit.runs import deferred_interrupts
     done = []
     with pytest.raises(KeyboardInterrupt):
-        with _deferred_interrupts():
+        with deferred_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
             done.append("the writes finished")  # the first Ctrl-C waited for them
     assert done == ["the writes finished"]
     with pytest.raises(KeyboardInterrupt):
-        with _deferred_interrupts():
+        with deferred_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGINT)  # the second one stops at once

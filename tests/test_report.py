@@ -13,7 +13,7 @@ from PIL import Image
 import cnnkit
 from cnnkit.data import load_dataset
 from cnnkit.device import select_runtime
-from cnnkit.engine import TrainStep
+from cnnkit.engine import TrainStep, batch_order
 from cnnkit.lrfind import lr_range_test
 from cnnkit.optim import build_optimizer
 from cnnkit.config import make_config
@@ -96,6 +96,37 @@ def test_lr_range_test_leaves_model_and_optimizer_bitwise_unchanged():
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(opt_before[k], v) for k, v in opt.state_dict()["state"][0].items())
     assert all(g["lr"] in (0.1, 0.1 * cfg.norm_bias_lr_mult) for g in opt.param_groups)
+
+
+def test_lr_range_test_steps_like_training():
+    """The range test is the training step: label smoothing in the loss, and every parameter
+    group's lr (BatchNorm biases at 64×) moved in proportion, not set to one value."""
+    torch.manual_seed(0)
+    ds = load_dataset("digits", val_fraction=0.2)
+    cfg = make_config(lr=0.1, label_smoothing=0.2)
+    model = cnnkit.create_model("fastnet", in_channels=1, image_size=8, widths=(8, 16, 16))
+    opt = build_optimizer(model, cfg)
+    ratios = []
+
+    def record(optimizer, args, kwargs):
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        ratios.append(max(lrs) / min(lrs))
+    opt.register_step_pre_hook(record)
+    # The loss of the first step, computed here independently: the first batch's indices
+    # come from the same seeded order; no augmentation, so the inputs are the images.
+    first = batch_order(len(ds.train), 64, torch.Generator().manual_seed(5))[0]
+    with torch.no_grad():
+        model.train()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        expected = F.cross_entropy(model(to_input(ds.train.images[first], [0.5], [0.3])),
+                                   ds.train.labels[first], label_smoothing=0.2).item()
+        model.load_state_dict(state)  # undo the BatchNorm statistics update
+    step = TrainStep(opt, None, Augment(), [0.5], [0.3], select_runtime("cpu"),
+                     label_smoothing=0.2)
+    result = lr_range_test(model, ds.train, step, batch_size=64, base_lr=cfg.lr, steps=30,
+                           seed=5)
+    assert result["losses"][0] == pytest.approx(expected, rel=1e-4)
+    assert len(ratios) >= 20 and all(r == pytest.approx(cfg.norm_bias_lr_mult) for r in ratios)
 
 
 def test_lr_find_cli_plots_and_suggests(tmp_path, capsys):

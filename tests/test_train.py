@@ -48,7 +48,7 @@ def test_run_folder_contents(png_run):
         assert 0 <= float(r["train_acc"]) <= 1 and 0 <= float(r["val_acc"]) <= 1
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(run / name, map_location="cpu", weights_only=True)
-        assert ckpt["model"] == "seed-simple" and len(ckpt["classes"]) == 10
+        assert ckpt["run"] == meta  # one saved-run format: config.json is the checkpoint's
     last = torch.load(run / "last.pt", weights_only=True)
     assert last["epoch"] == 1
     best = torch.load(run / "best.pt", weights_only=True)
@@ -63,7 +63,27 @@ def test_checkpoint_reloads_to_identical_logits(png_run, png_sample):
     lm = cnnkit.load(run / "last.pt")
     x = torch.rand(8, 3, 32, 32)
     assert torch.equal(lm.model(x), model(x))
-    assert lm.classes == ckpt["classes"] and lm.image_size == (32, 32)
+    assert lm.classes == ckpt["run"]["classes"] and lm.image_size == (32, 32)
+
+
+def test_a_checkpoint_of_cnnkit_0_1_still_loads_and_evaluates(png_run, tmp_path):
+    """cnnkit 0.1 kept the run's facts at the checkpoint's top level, the config nested."""
+    new = torch.load(png_run.run_dir / "best.pt", weights_only=True)
+    run = new["run"]
+    config = {k: run[k] for k in cnnkit.Config().to_dict()}
+    old = {"model": run["model"], "model_args": run["model_args"], "classes": run["classes"],
+           "in_channels": run["in_channels"], "image_size": run["input_size"],
+           "mean": run["mean"], "std": run["std"], "epoch": new["epoch"],
+           "metrics": new["metrics"], "config": config, "data_source": run["data_source"],
+           "state_dict": new["state_dict"]}
+    torch.save(old, tmp_path / "old.pt")
+    lm = cnnkit.load(tmp_path / "old.pt")
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.equal(lm.model(x), cnnkit.load(png_run.run_dir / "best.pt").model(x))
+    assert lm.classes == run["classes"] and lm.config.seed == run["seed"]
+    record = cnnkit.evaluate(tmp_path / "old.pt", device="cpu")
+    assert record["num_images"] == 40 and record["split"] == "val"
+    assert record["accuracy"] == cnnkit.evaluate(png_run.run_dir, device="cpu")["accuracy"]
 
 
 def test_same_seed_same_run(tmp_path):

@@ -1,29 +1,114 @@
-"""Checkpoints: written atomically, read without running any code from them.
+"""The saved-run format, with one writer and one reader for each of its files.
 
-A checkpoint is a plain dict of tensors, numbers, strings and lists, so it loads with
-`torch.load(..., weights_only=True)`; it holds what is needed to rebuild the model.
-The same weights can be saved as safetensors, with the rest as JSON metadata; every
-function here that reads a checkpoint accepts either.
+A run is described by a `RunInfo`: its Config and the facts of its data and model. It is
+written to config.json (flat: the Config's fields, then the facts) and into every
+checkpoint, and read back from either by `RunInfo.from_dict`. A checkpoint is a plain
+dict of tensors, numbers, strings and lists (`build_checkpoint`), so it loads with
+`torch.load(..., weights_only=True)` and never runs code. The same weights can be saved
+as safetensors, with the RunInfo as JSON metadata; an exported .onnx file loads for
+inference too. Checkpoints of earlier cnnkit versions (the facts at the top level) load.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
 import pickle
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .errors import CnnkitError
+from . import __version__
+from .config import Config, field_names
+from .data import BUILTIN, Dataset, load_dataset
+from .errors import CnnkitError, SettingsError
 from .models import create_model
 
-# What a checkpoint carries besides weights, and what travels in safetensors metadata.
-META_KEYS = ("model", "model_args", "classes", "in_channels", "image_size", "mean", "std",
-             "epoch", "metrics", "config", "data_source")
+FORMAT = 2  # 1: cnnkit 0.1's checkpoints, the facts at the top level
 
+
+@dataclass
+class RunInfo:
+    """What a run is: its settings and the facts of its data and model."""
+    config: Config
+    classes: list[str]
+    in_channels: int
+    input_size: tuple[int, int]
+    mean: list[float]
+    std: list[float]
+    model_args: dict = field(default_factory=dict)
+    data_source: str = ""   # the data as an absolute path or data set name (config.data
+                            # is as typed, relative to where the run was started)
+    val_name: str = "val"
+    num_train: int = 0
+    num_val: int = 0
+    processes: int = 1
+    run_dir: str = ""
+    cnnkit_version: str = __version__
+    torch_version: str = str(torch.__version__)
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    @classmethod
+    def of_run(cls, cfg: Config, ds: Dataset, mean, std, model_args: dict, *,
+               processes: int = 1, run_dir: str | Path = "") -> "RunInfo":
+        return cls(cfg, list(ds.classes), ds.in_channels, tuple(ds.image_size), list(mean),
+                   list(std), dict(model_args), ds.source, ds.val_name, len(ds.train),
+                   len(ds.val), processes, str(run_dir))
+
+    def to_dict(self) -> dict:
+        facts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "config"}
+        facts["input_size"] = list(self.input_size)
+        facts["num_classes"] = len(self.classes)
+        return {**self.config.to_dict(), **facts}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunInfo":
+        """From config.json, a checkpoint's "run", or a cnnkit 0.1 checkpoint."""
+        if "run" in d:
+            return cls.from_dict(d["run"])
+        if "state_dict" in d and "config" in d:  # format 1: facts at the top, config nested
+            d = {**d["config"], "model": d["model"], "input_size": d["image_size"],
+                 **{k: d[k] for k in ("classes", "in_channels", "mean", "std", "model_args",
+                                      "data_source") if k in d}}
+        known = {f.name for f in dataclasses.fields(cls)} - {"config"}
+        return cls(Config(**{k: d[k] for k in field_names() if k in d}),
+                   **{k: (tuple(d[k]) if k == "input_size" else d[k]) for k in known if k in d})
+
+    def describe(self) -> str:
+        return describe(self.config.model, len(self.classes), self.in_channels,
+                        self.input_size)
+
+    def build_model(self) -> nn.Module:
+        """The run's model, freshly initialised (load its weights next)."""
+        return create_model(self.config.model, num_classes=len(self.classes),
+                            in_channels=self.in_channels, image_size=self.input_size,
+                            **self.model_args)
+
+    def load_data(self, source: str | None = None) -> Dataset:
+        """The data the run trained on, rebuilt with its own settings (the same validation
+        split for the same seed), at its input size, from any working folder."""
+        cfg = self.config
+        source = source or self.data_source or cfg.data
+        if source.lower() not in BUILTIN and not Path(source).exists():
+            raise CnnkitError(f"no such folder: {cfg.data} (looked in "
+                              f"{Path(source).absolute()}); the run's data has moved: pass "
+                              "--data PATH")
+        return load_dataset(source, data_dir=cfg.data_dir, image_size=self.input_size[0],
+                            val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict,
+                            max_memory=cfg.max_memory, stream=True if cfg.stream else None)
+
+
+def describe(model: str, classes: int, in_channels: int, image_size) -> str:
+    h, w = image_size
+    return f"{model} for {classes} classes at {in_channels}×{h}×{w}"
+
+
+# --- writing ----------------------------------------------------------------------------
 
 def atomic_write(path: Path, write) -> None:
     """Write via a temporary file in the same folder, flushed and renamed into place, so a
@@ -47,18 +132,63 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def cpu_state(module: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def build_checkpoint(info: RunInfo, model: nn.Module, epoch: int, metrics: dict) -> dict:
+    """The one place a checkpoint is put together: the run, the epoch and its metrics, the
+    weights (on the CPU). `last.pt` adds a "train_state" (see `training_state`)."""
+    return {"format": FORMAT, "run": info.to_dict(), "epoch": epoch, "metrics": metrics,
+            "state_dict": cpu_state(model)}
+
+
+def write_config(run_dir: Path, info: RunInfo) -> None:
+    atomic_write(Path(run_dir) / "config.json",
+                 lambda f: f.write(json.dumps(info.to_dict(), indent=2).encode()))
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def save_safetensors(path: Path, ckpt: dict) -> None:
-    """The checkpoint's weights as safetensors; the rest as JSON in its metadata."""
+    """The checkpoint's weights as safetensors; the run, epoch and metrics as JSON in its
+    metadata."""
     from safetensors.torch import save
 
-    meta = {k: json.dumps(ckpt[k]) for k in META_KEYS if k in ckpt}
+    meta = {"format": json.dumps(FORMAT), "run": json.dumps(ckpt["run"]),
+            "epoch": json.dumps(ckpt.get("epoch")), "metrics": json.dumps(ckpt.get("metrics"))}
     tensors = {k: v.contiguous() for k, v in ckpt["state_dict"].items()}
     atomic_write(Path(path), lambda f: f.write(save(tensors, metadata=meta)))
 
+
+def training_state(model, optimizer, scheduler, ema, generator, device: torch.device,
+                   steps_done: int, total_steps: int, history: list[dict]) -> dict:
+    """Everything --resume needs to continue exactly where the run stopped."""
+    return {"model": cpu_state(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "ema": cpu_state(ema) if ema else None,
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "steps_done": steps_done, "total_steps": total_steps, "history": history}
+
+
+def restore_training_state(state: dict, model, optimizer, scheduler, ema, generator,
+                           device: torch.device) -> int:
+    """Put a run back as `training_state` found it; returns the steps done."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None and state["ema"] is not None:
+        ema.load_state_dict(state["ema"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return state["steps_done"]
+
+
+# --- reading ----------------------------------------------------------------------------
 
 def _read_safetensors(path: Path) -> dict:
     from safetensors import SafetensorError
@@ -69,25 +199,40 @@ def _read_safetensors(path: Path) -> dict:
         state = load(data)
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-        ckpt = {k: json.loads(v) for k, v in meta.items() if k in META_KEYS}
+        meta = {k: json.loads(v) for k, v in meta.items()}
     except (SafetensorError, ValueError, OSError) as e:
         raise CnnkitError(f"{path} is not a readable safetensors file ({e})") from None
-    if "model" not in ckpt or "classes" not in ckpt:
+    if "run" not in meta and not {"model", "classes"} <= set(meta):
         raise CnnkitError(f"{path} holds weights but not cnnkit's metadata (model name, "
                           "classes); export it with `cnnkit export --format safetensors`")
-    return {**ckpt, "state_dict": state}
+    return {**meta, "state_dict": state}
 
 
 def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint (best.pt of a run folder, else last.pt; a .pt or .safetensors file) as
+    a dict in the current format, whichever cnnkit version wrote it."""
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt" if (path / "best.pt").exists() else path / "last.pt"
     if not path.exists():
         raise CnnkitError(f"no checkpoint at {path}; pass a run folder or a .pt file")
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        ckpt = _read_safetensors(path)
+    else:
+        ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or \
+            not ("run" in ckpt or "model" in ckpt):
+        raise CnnkitError(f"{path} is not a cnnkit checkpoint (no model name and weights)")
+    if "run" not in ckpt:  # format 1
+        ckpt = {"format": 1, "run": RunInfo.from_dict(ckpt).to_dict(),
+                **{k: ckpt[k] for k in ("epoch", "metrics", "state_dict", "train_state")
+                   if k in ckpt}}
+    return ckpt
+
+
+def _torch_load(path: Path):
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message is long and suggests weights_only=False; keep only the reason.
         text = str(e)
@@ -100,14 +245,19 @@ def read_checkpoint(path: str | Path) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CnnkitError(f"{path} is not a readable checkpoint "
                           f"({str(e).splitlines()[0][:200]})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt:
-        raise CnnkitError(f"{path} is not a cnnkit checkpoint (no model name and weights)")
-    return ckpt
 
 
-def describe(model: str, classes: int, in_channels: int, image_size) -> str:
-    h, w = image_size
-    return f"{model} for {classes} classes at {in_channels}×{h}×{w}"
+def read_run(run_dir: str | Path) -> tuple[RunInfo, dict]:
+    """A run folder's RunInfo and its last.pt, for --resume."""
+    run_dir = Path(run_dir)
+    last = run_dir / "last.pt"
+    if not (run_dir / "config.json").is_file() or not last.is_file():
+        raise SettingsError(f"--resume {run_dir}: not a run folder with a completed epoch "
+                          "(config.json and last.pt)")
+    ckpt = read_checkpoint(last)
+    if ckpt.get("train_state") is None:
+        raise SettingsError(f"{last} holds no training state to resume from")
+    return RunInfo.from_dict(ckpt["run"]), ckpt
 
 
 def load_weights(model: nn.Module, ckpt: dict, target: str, source: str) -> None:
@@ -117,48 +267,98 @@ def load_weights(model: nn.Module, ckpt: dict, target: str, source: str) -> None
     wrong = [k for k in own if k not in state or state[k].shape != own[k].shape]
     extra = [k for k in state if k not in own]
     if wrong or extra:
-        src = describe(ckpt["model"], len(ckpt["classes"]), ckpt["in_channels"],
-                       ckpt["image_size"])
         key = (wrong or extra)[0]
         detail = (f"{key}: {tuple(state[key].shape)} vs {tuple(own[key].shape)}"
                   if key in state and key in own else f"{key} only on one side")
-        raise CnnkitError(f"{source} holds {src}, which does not fit {target} "
-                          f"({len(wrong) + len(extra)} tensors differ, e.g. {detail})")
+        raise CnnkitError(f"{source} holds {RunInfo.from_dict(ckpt).describe()}, which does "
+                          f"not fit {target} ({len(wrong) + len(extra)} tensors differ, e.g. "
+                          f"{detail})")
     model.load_state_dict(state)
 
 
 @dataclass
 class LoadedModel:
-    """A model ready for inference, with what is needed to feed it."""
+    """A model ready for inference, with its run: what is needed to feed it."""
     model: nn.Module
-    name: str
-    classes: list[str]
-    image_size: tuple[int, int]
-    in_channels: int
-    mean: list[float]
-    std: list[float]
-    config: dict = field(default_factory=dict)
+    info: RunInfo
     path: str = ""
     takes_pixels: bool = False  # an exported model that normalizes uint8 pixels itself
     metrics: dict = field(default_factory=dict)  # the saved epoch's metrics (val_acc, ...)
-    data_source: str = ""  # the run's data: an absolute path or a data set name
+
+    @property
+    def name(self) -> str:
+        return self.info.config.model
+
+    @property
+    def config(self) -> Config:
+        return self.info.config
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info.classes
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.info.input_size)
+
+    @property
+    def in_channels(self) -> int:
+        return self.info.in_channels
+
+    @property
+    def mean(self) -> list[float]:
+        return self.info.mean
+
+    @property
+    def std(self) -> list[float]:
+        return self.info.std
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild a model from a run folder, checkpoint or safetensors file, in eval mode; an
     exported .onnx file loads for inference with onnxruntime."""
     if str(path).endswith(".onnx"):
-        from .export import load_onnx
         return load_onnx(path)
     ckpt = read_checkpoint(path)
-    size = tuple(ckpt["image_size"])
-    model = create_model(ckpt["model"], num_classes=len(ckpt["classes"]),
-                         in_channels=ckpt["in_channels"], image_size=size,
-                         **ckpt.get("model_args", {}))
-    load_weights(model, ckpt, describe(ckpt["model"], len(ckpt["classes"]),
-                                       ckpt["in_channels"], size), str(path))
+    info = RunInfo.from_dict(ckpt)
+    model = info.build_model()
+    load_weights(model, ckpt, info.describe(), str(path))
     model.to(device).eval()
-    return LoadedModel(model, ckpt["model"], list(ckpt["classes"]), size,
-                       ckpt["in_channels"], list(ckpt["mean"]), list(ckpt["std"]),
-                       ckpt.get("config", {}), str(path), metrics=ckpt.get("metrics") or {},
-                       data_source=ckpt.get("data_source") or "")
+    return LoadedModel(model, info, str(path), metrics=ckpt.get("metrics") or {})
+
+
+# --- exported models --------------------------------------------------------------------
+
+class OnnxModel:
+    """An exported ONNX model run by onnxruntime, called like a module on uint8 pixels."""
+
+    def __init__(self, path: Path):
+        import onnxruntime
+        self.session = onnxruntime.InferenceSession(str(path),
+                                                    providers=["CPUExecutionProvider"])
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.meta = {k: json.loads(v) for k, v in props.items()}
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {"pixels": pixels.cpu().numpy()})[0]
+        return torch.from_numpy(out)
+
+    def eval(self):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self
+
+
+def load_onnx(path: str | Path) -> LoadedModel:
+    """An exported .onnx file as a LoadedModel that takes pixels (for `cnnkit predict`)."""
+    model = OnnxModel(Path(path))
+    meta = model.meta
+    if "classes" not in meta or "input_size" not in meta:
+        raise CnnkitError(f"{path} is an ONNX model without cnnkit's metadata (classes, input "
+                          "size); export it with `cnnkit export --format onnx`")
+    c, h, w = meta["input_size"]
+    # Normalization is inside the model; it was verified without test-time augmentation.
+    info = RunInfo(Config(model=meta.get("model", "onnx"), tta=0, flip="none"),
+                   list(meta["classes"]), c, (h, w), [0.0] * c, [1.0] * c)
+    return LoadedModel(model, info, str(path), takes_pixels=True)

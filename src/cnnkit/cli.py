@@ -207,7 +207,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_show_batch(args) -> int:
-    from .plots import show_batch
+    from .report import show_batch
     from .transforms import Augment
     augment = None
     if args.augmented:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SettingsError, unknown_choice
+from .models import model_entry
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -127,8 +128,9 @@ DEFAULT_RECIPE = "fast"
 
 
 def default_recipe(model: str | None) -> str:
-    """The recipe used when none is named: one that fits the model."""
-    return "finetune" if model and model.startswith("tv:") else DEFAULT_RECIPE
+    """The recipe used when none is named: the one the model's family is registered with
+    (finetune for torchvision models)."""
+    return model_entry(model).recipe if model else DEFAULT_RECIPE
 
 
 def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str) -> Config:
@@ -188,7 +190,7 @@ def validate(cfg: Config) -> None:
         raise SettingsError(f"--time-budget must be positive seconds, got {cfg.time_budget}")
     if cfg.width is not None:
         parse_widths(cfg.width)
-    if (cfg.pretrained or cfg.freeze_epochs) and not cfg.model.startswith("tv:"):
+    if (cfg.pretrained or cfg.freeze_epochs) and model_entry(cfg.model).pretrained_info is None:
         raise SettingsError("--pretrained and --freeze-epochs are for torchvision models: "
                             "--model tv:NAME (e.g. tv:resnet18)")
     if cfg.image_size is not None and cfg.image_size < 1:

@@ -179,22 +179,6 @@ def load_dataset(source: str, *, data_dir: str | None = None, image_size: int | 
                    test=test, held_out=True)
 
 
-def load_run_data(settings: dict, source: str | None = None,
-                  image_size: int | None = None) -> Dataset:
-    """The data a run trained on, rebuilt with the run's own settings (the same validation
-    split for the same seed). `source` is the absolute path or data set name saved with
-    the run, so this works from any working folder; `settings` is the run's config."""
-    typed = settings.get("data") or source
-    source = source or settings.get("data_source") or typed
-    if source.lower() not in BUILTIN and not Path(source).exists():
-        raise CnnkitError(f"no such folder: {typed} (looked in {Path(source).absolute()}); "
-                          "the run's data has moved: pass --data PATH")
-    return load_dataset(source, data_dir=settings.get("data_dir"), image_size=image_size,
-                        val_fraction=settings.get("val_fraction"), seed=settings.get("seed", 0),
-                        strict=settings.get("strict", False), max_memory=settings.get("max_memory"),
-                        stream=True if settings.get("stream") else None)
-
-
 def same_source(a: str, b: str) -> bool:
     """Whether two --data values name the same data (a name, or a path spelled any way)."""
     if a.lower() in BUILTIN or b.lower() in BUILTIN:
@@ -213,13 +197,12 @@ def check_source(source: str) -> Path | None:
         return None
     path = Path(source).expanduser()
     if not path.exists():
-        looked = f"no such folder: {source} (looked in {path.absolute()})"
-        close = difflib.get_close_matches(source.lower(), BUILTIN, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(source.lower(), BUILTIN, n=1, cutoff=0.75)
         if close and os.sep not in source:  # a mistyped data set name
-            raise SettingsError(f"unknown data set {source!r} (did you mean {close[0]}?), and "
-                                f"{looked}")
-        raise SettingsError(f"{looked}; --data takes a folder, a CSV or a data set name "
-                            f"({', '.join(BUILTIN)})")
+            raise SettingsError(f"unknown data set {source!r} (did you mean {close[0]}?), "
+                                f"and no such folder (looked in {path.absolute()})")
+        raise SettingsError(f"no such folder: {source} (looked in {path.absolute()}); --data "
+                            f"takes a folder, a CSV or a data set name ({', '.join(BUILTIN)})")
     if not path.is_dir() and path.suffix.lower() != ".csv":
         raise SettingsError(f"data source {source!r} is a file; pass a folder (an image "
                             "folder with one subfolder per class, or a CIFAR python folder) "

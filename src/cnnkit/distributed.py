@@ -154,6 +154,15 @@ def gather(dist: Dist, value) -> list:
     return out
 
 
+def ddp(module: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
+    """The module as this process trains it: wrapped in DistributedDataParallel under DDP
+    (rebuild it when the set of trained parameters changes: DDP fixes it when built)."""
+    if not dist.enabled:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def sync_buffers(dist: Dist, module: torch.nn.Module) -> None:
     """Rank 0's BatchNorm statistics everywhere: without SyncBatchNorm each process's running
     statistics drift apart from its own share of the batches."""

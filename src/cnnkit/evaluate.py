@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import LoadedModel, load
-from .data import Dataset, Split, load_dataset, load_run_data, same_source
+from .data import Dataset, Split, load_dataset, same_source
 from .device import select_runtime
 from .engine import evaluate_split
 from .errors import CnnkitError, unknown_choice
@@ -33,10 +33,9 @@ def evaluate(run, data: str | None = None, *, split: str | None = None, device: 
     runtime = select_runtime(device)
     lm = run if isinstance(run, LoadedModel) else load(run, runtime.device)
     lm.model.to(runtime.device, memory_format=runtime.memory_format)
-    own = data is None or (lm.data_source and same_source(data, lm.data_source))
+    own = data is None or bool(lm.info.data_source and same_source(data, lm.info.data_source))
     if own:  # the run's data, with its own validation split
-        ds = load_run_data(lm.config, lm.data_source if data is None else data,
-                           image_size=lm.image_size[0])
+        ds = lm.info.load_data(data)
     else:
         ds = load_dataset(data, data_dir=data_dir, image_size=lm.image_size[0])
     _check_compatible(lm, ds.classes, ds.in_channels)
@@ -49,8 +48,8 @@ def evaluate(run, data: str | None = None, *, split: str | None = None, device: 
     images = Split(images.images.to(runtime.device), images.labels.to(runtime.device))
     ev = evaluate_split(lm.model, images, mean=lm.mean, std=lm.std, runtime=runtime,
                         num_classes=len(lm.classes), batch_size=batch_size,
-                        tta=lm.config.get("tta", 0) if tta is None else tta,
-                        mirror=lm.config.get("flip", "none") != "none")
+                        tta=lm.config.tta if tta is None else tta,
+                        mirror=lm.config.flip != "none")
     record = evaluation_record(ev.confusion, ev.loss, lm.classes, ds.source, name)
     if out is not None:
         write_report(Path(out), evaluation=record, images=images.images, labels=images.labels,

@@ -11,8 +11,8 @@ import torch.nn as nn
 
 from .checkpoint import LoadedModel, load
 from .data import read_image
-from .errors import CnnkitError, SettingsError
-from .plots import plt, _save
+from .errors import CnnkitError, SettingsError, unknown_choice
+from .plots import _save, pyplot
 from .transforms import to_input
 
 
@@ -66,6 +66,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def filters(run, out: str | Path, layer: str | None = None, max_tiles: int = 16) -> dict:
     """Draw a conv layer's kernels: the first conv layer's as colour tiles (RGB inputs),
     any other as a grid of output × input channels. Returns what was drawn."""
+    plt = pyplot()
     lm = _loaded(run)
     convs = conv_layers(lm.model)
     if not convs:
@@ -118,6 +119,7 @@ def features(run, image, out: str | Path, layers: list[str] | None = None,
              max_channels: int = 16) -> list[dict]:
     """One PNG per layer (default: every conv layer): the input image beside a grid of the
     layer's strongest channels for it. Also writes features.json describing each."""
+    plt = pyplot()
     lm = _loaded(run)
     names = layers or conv_layers(lm.model)
     modules = {n: _layer(lm.model, n) for n in names}
@@ -185,7 +187,6 @@ def explain(run, images, out: str | Path, class_name: str | None = None,
     layer = layer or cam_layer(lm)
     _layer(lm.model, layer)
     if class_name is not None and class_name not in lm.classes:
-        from .errors import unknown_choice
         raise unknown_choice("class", class_name, lm.classes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,6 +208,7 @@ def explain(run, images, out: str | Path, class_name: str | None = None,
 
 
 def draw_cam(pixels: torch.Tensor, heat: torch.Tensor, title: str, out: Path, ax=None):
+    plt = pyplot()
     own = ax is None
     if own:
         fig, ax = plt.subplots(figsize=(3.2, 3.4))
@@ -223,6 +225,7 @@ def draw_cam(pixels: torch.Tensor, heat: torch.Tensor, title: str, out: Path, ax
 
 def worst_cams(lm: LoadedModel, images: torch.Tensor, items: list[dict], out: Path) -> Path:
     """Grad-CAM for the predicted class of each of the given (worst-classified) images."""
+    plt = pyplot()
     n = max(1, len(items))
     cols = min(4, n)
     rows = math.ceil(n / cols)

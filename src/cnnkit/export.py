@@ -11,8 +11,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .checkpoint import LoadedModel, load, read_checkpoint, save_safetensors
-from .data import load_run_data
+from .checkpoint import LoadedModel, OnnxModel, load, read_checkpoint, save_safetensors
 from .errors import CnnkitError, SettingsError, unknown_choice
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -94,32 +93,11 @@ def _real_images(lm: LoadedModel, n: int = 32) -> torch.Tensor:
     """Validation images of the run's own data, to verify the export on; random pixels only
     when that data is no longer there."""
     try:
-        return load_run_data(lm.config, lm.data_source, image_size=lm.image_size[0]).val.images[:n]
+        return lm.info.load_data().val.images[:n]
     except (CnnkitError, OSError):
         g = torch.Generator().manual_seed(0)
         return torch.randint(0, 256, (n, lm.in_channels, *lm.image_size), generator=g,
                              dtype=torch.uint8)
-
-
-class OnnxModel:
-    """An exported ONNX model run by onnxruntime, called like a module on uint8 pixels."""
-
-    def __init__(self, path: Path):
-        import onnxruntime
-        self.session = onnxruntime.InferenceSession(str(path),
-                                                    providers=["CPUExecutionProvider"])
-        props = self.session.get_modelmeta().custom_metadata_map
-        self.meta = {k: json.loads(v) for k, v in props.items()}
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {"pixels": pixels.cpu().numpy()})[0]
-        return torch.from_numpy(out)
-
-    def eval(self):
-        return self
-
-    def to(self, *args, **kwargs):
-        return self
 
 
 def load_exported(path: Path, fmt: str):
@@ -134,15 +112,3 @@ def _largest_difference(reference: nn.Module, exported, images: torch.Tensor) ->
     for batch in (images[:1], images):  # a batch of one and a larger one: dynamic batch
         worst = max(worst, float((exported(batch) - reference(batch)).abs().max()))
     return worst
-
-
-def load_onnx(path: str | Path) -> LoadedModel:
-    """An exported .onnx file as a LoadedModel that takes pixels (for `cnnkit predict`)."""
-    model = OnnxModel(Path(path))
-    meta = model.meta
-    if "classes" not in meta or "input_size" not in meta:
-        raise CnnkitError(f"{path} is an ONNX model without cnnkit's metadata (classes, input "
-                          "size); export it with `cnnkit export --format onnx`")
-    c, h, w = meta["input_size"]
-    return LoadedModel(model, meta.get("model", "onnx"), meta["classes"], (h, w), c,
-                       [0.0] * c, [1.0] * c, {}, str(path), takes_pixels=True)

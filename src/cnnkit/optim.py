@@ -12,8 +12,10 @@ from .config import Config
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     # No weight decay on biases and norm parameters: decaying them only hurts (as in timm).
     # BatchNorm biases may take a higher lr (airbench trains them much faster).
+    # (Groups are built in the same order as ever: resume restores them by position.)
     norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             for p in m.parameters()}
+    body = {id(p) for p in model.backbone_parameters()}
     params = [p for p in model.parameters() if p.requires_grad or p.ndim <= 1]
     decay = [p for p in params if p.ndim > 1 and p.requires_grad]
     norm_params = [p for p in params if id(p) in norm and p.requires_grad]
@@ -22,11 +24,9 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
               {"params": other, "weight_decay": 0.0},
               {"params": norm_params, "weight_decay": 0.0,
                # a from-scratch trick (airbench); a pretrained backbone's norms stay as they are
-               "lr": cfg.lr * (1.0 if hasattr(model, "backbone") else cfg.norm_bias_lr_mult)}]
-    backbone = getattr(model, "backbone", None)
-    if backbone is not None and (cfg.pretrained or cfg.freeze_epochs):
+               "lr": cfg.lr * (1.0 if body else cfg.norm_bias_lr_mult)}]
+    if body and (cfg.pretrained or cfg.freeze_epochs):
         # fastai's fine_tune: a pretrained backbone learns more slowly than the new head
-        body = {id(p) for p in backbone().parameters()}
         groups = [dict(g, params=[p for p in g["params"] if (id(p) in body) == is_body],
                        lr=g.get("lr", cfg.lr) * (cfg.backbone_lr_mult if is_body else 1.0))
                   for g in groups for is_body in (True, False)]

@@ -4,20 +4,30 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import torch  # noqa: E402
+from .errors import CnnkitError
+from .runs import read_metrics
 
-from .errors import CnnkitError  # noqa: E402
-from .runs import read_metrics  # noqa: E402
+
+def pyplot():
+    """matplotlib's pyplot with the file backend (no display needed), imported on the first
+    picture so that `import cnnkit` stays light."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _integer_epochs(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def image_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str], out: Path,
                title: str | None = None) -> Path:
     """A square-ish grid of uint8 (N, C, H, W) images titled with their class names."""
+    plt = pyplot()
     n = len(images)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -40,27 +50,8 @@ def image_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str], o
     return out
 
 
-def show_batch(data: str, out: str | Path, *, n: int = 64, seed: int = 0,
-               data_dir: str | None = None, image_size: int | None = None,
-               augment=None) -> Path:
-    """Save a grid of `n` random training images of a data source, like the tutorial's plot;
-    with `augment` (a transforms.Augment), as the model sees them after augmentation."""
-    from .data import load_dataset
-
-    ds = load_dataset(data, data_dir=data_dir, image_size=image_size, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(ds.train), generator=g)[:n]
-    images = ds.train.images[index]
-    title = f"{ds.name}: {len(index)} training images"
-    if augment is not None and augment.active:
-        x = augment(images.float() / 255, index, 1, g, seed)
-        images = (x * 255).round().clamp(0, 255).to(torch.uint8)
-        title += f" (augmented: flip {augment.flip}, translate {augment.translate}, " \
-                 f"cutout {augment.cutout})"
-    return image_grid(images, ds.train.labels[index], ds.classes, Path(out), title=title)
-
-
 def _save(fig, out: Path) -> Path:
+    plt = pyplot()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
@@ -70,6 +61,7 @@ def _save(fig, out: Path) -> Path:
 
 def plot_curves(metrics: list[dict], out: Path, title: str = "") -> Path:
     """Loss and accuracy per epoch, train and validation."""
+    plt = pyplot()
     epochs = [m["epoch"] for m in metrics]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "-o", ms=3, label="train")
@@ -77,7 +69,7 @@ def plot_curves(metrics: list[dict], out: Path, title: str = "") -> Path:
     ax_acc.plot(epochs, [m["train_acc"] * 100 for m in metrics], "-o", ms=3, label="train")
     ax_acc.plot(epochs, [m["val_acc"] * 100 for m in metrics], "-o", ms=3, label="validation")
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy, %")):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _integer_epochs(ax)
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -89,6 +81,7 @@ def plot_curves(metrics: list[dict], out: Path, title: str = "") -> Path:
 
 def plot_confusion(confusion: torch.Tensor, classes: list[str], out: Path) -> Path:
     """The confusion matrix normalized per true class (rows sum to 1), counts in the title."""
+    plt = pyplot()
     cm = confusion.double()
     norm = cm / cm.sum(1, keepdim=True).clamp_min(1)
     k = len(classes)
@@ -112,6 +105,7 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], out: Path) -> Pa
 
 
 def plot_per_class(per_class: dict[str, float | None], out: Path) -> Path:
+    plt = pyplot()
     names = list(per_class)
     values = [100 * (v or 0.0) for v in per_class.values()]
     fig, ax = plt.subplots(figsize=(7, max(3, 0.3 * len(names) + 1)))
@@ -138,6 +132,7 @@ def top_losses(probs: torch.Tensor, labels: torch.Tensor, k: int) -> list[dict]:
 def plot_top_losses(images: torch.Tensor, items: list[dict], classes: list[str],
                     out: Path) -> Path:
     """The most confidently wrong validation images: true class, prediction, probability."""
+    plt = pyplot()
     n = len(items)
     cols = min(4, max(n, 1))
     rows = max(1, math.ceil(n / cols))
@@ -156,6 +151,7 @@ def plot_top_losses(images: torch.Tensor, items: list[dict], classes: list[str],
 
 
 def plot_lr_find(lrs: list[float], losses: list[float], suggested: float, out: Path) -> Path:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(lrs, losses)
     ax.axvline(suggested, color="C1", ls="--", label=f"suggested lr {suggested:.2g}")
@@ -171,13 +167,14 @@ def plot_lr_find(lrs: list[float], losses: list[float], suggested: float, out: P
 
 def plot_compare(runs: dict[str, list[dict]], out: Path) -> Path:
     """Validation accuracy and training loss of several runs, overlaid."""
+    plt = pyplot()
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for name, metrics in runs.items():
         epochs = [m["epoch"] for m in metrics]
         ax_acc.plot(epochs, [m["val_acc"] * 100 for m in metrics], "-o", ms=3, label=name)
         ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "-o", ms=3, label=name)
     for ax, name in ((ax_acc, "validation accuracy, %"), (ax_loss, "training loss")):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _integer_epochs(ax)
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

@@ -1,5 +1,6 @@
 """The pictures of a run or an evaluation, and report.html: one self-contained page
-(images embedded as data URIs) that opens from the file system in any browser."""
+(images embedded as data URIs) that opens from the file system in any browser; and the
+tutorial's grid of training images (`show_batch`)."""
 from __future__ import annotations
 
 import base64
@@ -10,7 +11,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write
-from .plots import plot_confusion, plot_curves, plot_per_class, plot_top_losses, top_losses
+from .data import load_dataset
+from .explain import filters, worst_cams
+from .plots import (image_grid, plot_confusion, plot_curves, plot_per_class, plot_top_losses,
+                    top_losses)
 
 
 def most_confused(confusion: torch.Tensor, classes: list[str], k: int = 5) -> list[dict]:
@@ -41,7 +45,6 @@ def write_report(out: Path, *, evaluation: dict, images: torch.Tensor, labels: t
                                                     out / "per-class.png")
     pictures["Top losses"] = plot_top_losses(images.cpu(), top, classes, out / "top-losses.png")
     if model is not None:  # inside the network: first-layer filters, Grad-CAM of the worst
-        from .explain import filters, worst_cams
         pictures["First-layer filters"] = Path(filters(model, out / "filters.png")["file"])
         pictures["Grad-CAM of the worst-classified images"] = worst_cams(
             model, images.cpu(), top[:8], out / "gradcam-worst.png")
@@ -51,6 +54,24 @@ def write_report(out: Path, *, evaluation: dict, images: torch.Tensor, labels: t
     page = _html(evaluation, metrics or [], settings or {}, confused, pictures)
     atomic_write(out / "report.html", lambda f: f.write(page.encode()))
     return out / "report.html"
+
+
+def show_batch(data: str, out: str | Path, *, n: int = 64, seed: int = 0,
+               data_dir: str | None = None, image_size: int | None = None,
+               augment=None) -> Path:
+    """Save a grid of `n` random training images of a data source, like the tutorial's plot;
+    with `augment` (a transforms.Augment), as the model sees them after augmentation."""
+    ds = load_dataset(data, data_dir=data_dir, image_size=image_size, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(ds.train), generator=g)[:n]
+    images = ds.train.images[index]
+    title = f"{ds.name}: {len(index)} training images"
+    if augment is not None and augment.active:
+        x = augment(images.float() / 255, index, 1, g, seed)
+        images = (x * 255).round().clamp(0, 255).to(torch.uint8)
+        title += f" (augmented: flip {augment.flip}, translate {augment.translate}, " \
+                 f"cutout {augment.cutout})"
+    return image_grid(images, ds.train.labels[index], ds.classes, Path(out), title=title)
 
 
 def _img(path: Path) -> str:

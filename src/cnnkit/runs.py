@@ -6,9 +6,14 @@ import csv
 import fcntl
 import io
 import json
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import atomic_write
+import torch
+
+from .checkpoint import atomic_write, save_checkpoint
 from .errors import CnnkitError, SettingsError
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds",
@@ -86,6 +91,73 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
     for row in rows:
         writer.writerow([_fmt(row[c]) for c in METRIC_COLUMNS])
     atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def save_epoch(run_dir: Path, ckpt: dict, improved: bool, train_state: dict) -> None:
+    """best.pt if the model improved, last.pt with the training state, metrics.csv; written
+    whole, together."""
+    with deferred_interrupts():
+        if improved:
+            save_checkpoint(run_dir / "best.pt", ckpt)
+        save_checkpoint(run_dir / "last.pt", {**ckpt, "train_state": train_state})
+        write_metrics(run_dir / "metrics.csv", train_state["history"])
+
+
+def last_saved_epoch(run_dir: Path) -> int | None:
+    last = Path(run_dir) / "last.pt"
+    return torch.load(last, weights_only=True)["epoch"] if last.exists() else None
+
+
+@contextmanager
+def deferred_interrupts():
+    """Ctrl-C or SIGTERM while an epoch's files are being written takes effect once they are
+    complete; a second Ctrl-C stops at once (the atomic writes still leave whole files)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+
+    def hold(signum, frame):
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if pending:
+        handler = previous[pending[0]]
+        if callable(handler):
+            handler(pending[0], None)  # the handler the caller installed (e.g. the CLI's)
+        raise KeyboardInterrupt
+
+
+class TensorBoard:
+    """TensorBoard logs in the run folder (`--tensorboard`): a batch of training images,
+    then losses, accuracies and the lr per epoch."""
+
+    def __init__(self, run_dir: Path, images: torch.Tensor):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SettingsError("--tensorboard needs the tensorboard package: "
+                                "pip install 'cnnkit[tensorboard]'") from None
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.writer.add_images("train/batch", images.cpu(), 0)
+
+    def log(self, row: dict, lr: float) -> None:
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            self.writer.add_scalar(key.replace("_", "/", 1), row[key], row["epoch"])
+        self.writer.add_scalar("lr", lr, row["epoch"])
+        self.writer.flush()
+
+    def __enter__(self) -> "TensorBoard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.writer.close()
 
 
 def read_metrics(run: Path) -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import describe, load_weights, read_checkpoint
+from .checkpoint import describe, load_weights, read_checkpoint, read_run
 from .config import Config, fill_recipe_defaults, parse_widths
 from .data import Dataset, check_source, expected_input, load_dataset
 from .device import Runtime, synchronize
@@ -51,18 +51,18 @@ def preflight(cfg: Config, check_out: bool = True) -> None:
 
 
 def start_weights(model, cfg: Config, ds: Dataset) -> None:
-    """--pretrained (torchvision's ImageNet weights) or --weights FILE: a cnnkit checkpoint,
-    a .safetensors file, or, for a tv: model, a torchvision state_dict."""
+    """--pretrained (the model family's published weights, e.g. torchvision's ImageNet ones)
+    or --weights FILE: a cnnkit checkpoint, a .safetensors file, or, for a model with a
+    pretrained form, a state_dict as its family saves it."""
+    entry = model_entry(cfg.model)
     if cfg.pretrained and not cfg.weights:
-        from .models.tv import pretrained_state
-        model.load_backbone(pretrained_state(cfg.model[3:]), f"ImageNet weights of {cfg.model}")
+        model.load_pretrained(entry.pretrained_state(), f"the pretrained weights of {cfg.model}")
     if not cfg.weights:
         return
-    if hasattr(model, "load_backbone") and not cfg.weights.endswith(".safetensors"):
-        raw = torch.load(cfg.weights, map_location="cpu", weights_only=True) \
-            if Path(cfg.weights).is_file() else None
-        if isinstance(raw, dict) and "state_dict" not in raw:
-            model.load_backbone(raw, cfg.weights)
+    if entry.pretrained_state is not None and not cfg.weights.endswith(".safetensors"):
+        raw = torch.load(cfg.weights, map_location="cpu", weights_only=True)
+        if isinstance(raw, dict) and "state_dict" not in raw and "run" not in raw:
+            model.load_pretrained(raw, cfg.weights)
             return
     load_weights(model, read_checkpoint(cfg.weights),
                  describe(cfg.model, len(ds.classes), ds.in_channels, ds.image_size), cfg.weights)
@@ -73,8 +73,7 @@ def prepare(cfg: Config, runtime: Runtime):
     (config with the recipe's open settings filled, dataset, model, model args, mean, std)."""
     norm = None
     if cfg.pretrained:  # the weights' own input size and normalization, unless given
-        from .models.tv import pretrained_info
-        info = pretrained_info(cfg.model[3:])
+        info = model_entry(cfg.model).pretrained_info()
         cfg = dataclasses.replace(cfg, image_size=cfg.image_size or info["image_size"])
         norm = info["mean"], info["std"]
     ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
@@ -89,8 +88,7 @@ def prepare(cfg: Config, runtime: Runtime):
         ([0.0] * ds.in_channels, [1.0] * ds.in_channels)
     if norm is not None and ds.in_channels == 3:
         mean, std = norm
-    if hasattr(model, "init_from_data"):  # e.g. fastnet's patch-whitening conv
-        model.init_from_data(to_input(ds.train.head(10_000), mean, std))
+    model.init_from_data(to_input(ds.train.head(10_000), mean, std))
     return cfg, ds, model, model_args, mean, std
 
 
@@ -98,9 +96,7 @@ def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runt
                steps_per_epoch: int, dist: distributed.Dist = distributed.SINGLE
                ) -> tuple[int, str]:
     """How many optimizer steps fit in cfg.time_budget, from step times measured on
-    throw-away copies of the model and optimizer (the run itself is untouched). fastnet's
-    first epochs also train the whitening bias and cost more per step, so both phases are
-    timed. Under DDP every process times its steps (communication included) and rank 0's
+    throw-away copies of the model and optimizer (the run itself is untouched). Under DDP every process times its steps (communication included) and rank 0's
     plan is everyone's."""
     trial = copy.deepcopy(model)
     optimizer = build_optimizer(trial, cfg)
@@ -109,13 +105,13 @@ def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runt
     step = TrainStep(optimizer, scheduler, augment, mean, std, runtime, cfg.label_smoothing,
                      dist=dist)
     kw = dict(batch_size=cfg.batch_size, epoch=0, generator=generator)
-    whiten = getattr(trial, "whiten", None)
-    early_steps = cfg.whiten_bias_epochs * steps_per_epoch \
-        if whiten is not None and whiten.bias is not None else 0
+    # A model may train more in its first epochs (fastnet's whitening bias) or less (a
+    # frozen backbone): both phases are timed.
+    early_epochs = trial.warmup_epochs(cfg)
+    early_steps = early_epochs * steps_per_epoch
 
-    def seconds_per_step(bias_trains: bool, steps: int = 8) -> float:
-        if early_steps:
-            whiten.bias.requires_grad_(bias_trains)
+    def seconds_per_step(epoch: int, steps: int = 8) -> float:
+        trial.on_epoch(epoch, cfg)
         net = wrap(trial)
         train_one_epoch(net, data, step, max_batches=2, **kw)  # warm-up
         synchronize(runtime)
@@ -125,8 +121,8 @@ def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runt
         synchronize(runtime)
         return (time.perf_counter() - start) / n
 
-    late = seconds_per_step(False)
-    early = seconds_per_step(True) if early_steps else late
+    late = seconds_per_step(early_epochs)
+    early = seconds_per_step(0) if early_steps else late
     budget = cfg.time_budget
     if budget <= early_steps * early:
         total = budget / early
@@ -135,6 +131,30 @@ def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runt
     total = max(1, int(total))
     return distributed.broadcast(dist, (total, (
         f"time budget {budget:g}s at {late * 1000:.0f} ms/step "
-        f"({early * 1000:.0f} in the first {cfg.whiten_bias_epochs} epochs): "
+        f"({early * 1000:.0f} in the first {early_epochs} epochs): "
         f"{total} steps" if early_steps else
         f"time budget {budget:g}s at {late * 1000:.0f} ms/step: {total} steps")))
+
+
+def check_processes(cfg: Config, device: torch.device, per_machine: int) -> None:
+    """Settings that depend on how many processes train, checked before any start."""
+    if cfg.sync_bn and device.type != "cuda":
+        raise SettingsError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on "
+                            "the CPU; drop it")
+    if device.type == "cuda" and per_machine > torch.cuda.device_count():
+        raise SettingsError(f"{per_machine} processes on a machine with "
+                            f"{torch.cuda.device_count()} GPU(s): start one process per GPU")
+
+
+def resume_settings(run_dir: Path, config, overrides: dict) -> tuple[Config, dict]:
+    """The settings and last checkpoint of a run to resume. Where it runs may change
+    (--device, --dist-timeout); what it trains may not."""
+    machine = ("device", "dist_timeout")
+    given = [k for k, v in overrides.items() if v is not None and k not in machine]
+    if config is not None or given:
+        raise SettingsError(f"--resume continues a run with its own settings; drop "
+                            f"{', '.join('--' + k.replace('_', '-') for k in given) or 'the config'}")
+    info, ckpt = read_run(run_dir)
+    cfg = dataclasses.replace(info.config, data=info.data_source or info.config.data,
+                              **{k: overrides[k] for k in machine if overrides.get(k)})
+    return cfg, ckpt

@@ -3,12 +3,15 @@ and a per-layer table of output shapes (torchinfo) — the tutorial's "what size
 the flatten?" for any input size."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import CnnkitError
-from .models import create_model
+from .checkpoint import load
+from .errors import CnnkitError, unknown_choice
+from .models import create_model, list_models
 
 
 def model_stats(name: str, num_classes: int = 10, in_channels: int = 3,
@@ -74,9 +77,6 @@ def summary(model_or_run: str, *, image_size: int | None = None, in_channels: in
             num_classes: int | None = None) -> dict:
     """Summarize a registered model (built for the given input) or a trained run (its model as
     trained: feeding it another size shows where the shapes stop fitting)."""
-    from pathlib import Path
-
-    from .models import list_models
     if model_or_run in list_models():
         size = image_size or 32
         channels = in_channels or 3
@@ -84,12 +84,10 @@ def summary(model_or_run: str, *, image_size: int | None = None, in_channels: in
                              image_size=size)
         name = model_or_run
     elif Path(model_or_run).exists():
-        from .checkpoint import load
         lm = load(model_or_run)
         model, name, channels = lm.model, lm.name, in_channels or lm.in_channels
         size = image_size or lm.image_size[0]
     else:
-        from .errors import unknown_choice
         raise unknown_choice("model or run", model_or_run, list_models())
     result = summarize(model.eval(), channels, (size, size))
     return {"model": name, **result}

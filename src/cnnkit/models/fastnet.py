@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import SettingsError
+from .base import Classifier
+from .layers import pool_or_keep
 from .registry import register_model
-from .resnet import pool_or_keep
 
 
 class BatchNorm(nn.BatchNorm2d):
@@ -42,7 +43,9 @@ class ConvGroup(nn.Module):
         return self.act(self.norm2(self.conv2(x)))
 
 
-class FastNet(nn.Module):
+class FastNet(Classifier):
+    classifier = "fc"
+
     def __init__(self, num_classes=10, in_channels=3, image_size=(32, 32),
                  widths=(64, 256, 256), head_scale=1 / 9):
         super().__init__()
@@ -83,8 +86,13 @@ class FastNet(nn.Module):
     def forward_head(self, x):
         return self.fc(self.pool(x).flatten(1)) * self.head_scale
 
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+    def warmup_epochs(self, cfg) -> int:
+        return cfg.whiten_bias_epochs if self.whiten.bias is not None else 0
+
+    def on_epoch(self, epoch: int, cfg) -> None:
+        # The whitening bias trains only in the first epochs, then is frozen (airbench).
+        if self.whiten.bias is not None:
+            self.whiten.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
 
 
 @register_model("fastnet", "airbench-style net: frozen patch-whitening conv, 3 conv groups, "

@@ -12,6 +12,7 @@ from typing import Callable
 import torch.nn as nn
 
 from ..errors import SettingsError, unknown_choice
+from . import tv
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,11 @@ class ModelEntry:
     name: str
     build: Callable[..., nn.Module]
     description: str
+    recipe: str = "fast"  # the recipe a run of this model uses when none is named
+    # For a model with pretrained weights: their input size and normalization, and the
+    # weights themselves (downloaded); None for models trained from scratch.
+    pretrained_info: Callable[[], dict] | None = None
+    pretrained_state: Callable[[], dict] | None = None
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -39,12 +45,15 @@ def list_models() -> list[str]:
 
 
 def model_entry(name: str) -> ModelEntry:
-    if name.startswith("tv:"):
-        from . import tv
+    if name.startswith(tv.PREFIX):
         if name not in tv.tv_names():
             raise unknown_choice("torchvision model", name, tv.tv_names())
+        short = name[len(tv.PREFIX):]
         return ModelEntry(name, lambda num_classes, in_channels, image_size:
-                          tv.build(name, num_classes, in_channels), "torchvision " + name[3:])
+                          tv.build(name, num_classes, in_channels), "torchvision " + short,
+                          recipe="finetune",
+                          pretrained_info=lambda: tv.pretrained_info(short),
+                          pretrained_state=lambda: tv.pretrained_state(short))
     if name not in _REGISTRY:
         raise unknown_choice("model", name, list_models() + ["tv:NAME (see cnnkit models)"])
     return _REGISTRY[name]

@@ -6,30 +6,14 @@ import torch
 import torch.nn as nn
 
 from ..errors import SettingsError
+from .base import Classifier
+from .layers import Residual, conv_bn, pool_or_keep
 from .registry import register_model
 
 
-def conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
-                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+class ResNet9(Classifier):
+    classifier = "fc"
 
-
-def pool_or_keep(size: int) -> nn.Module:
-    """A 2×2 max-pool, unless the feature map is already down to one pixel, so every model
-    accepts images as small as 8×8 digits."""
-    return nn.MaxPool2d(2) if size >= 2 else nn.Identity()
-
-
-class Residual(nn.Module):
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x):
-        return x + self.block(x)
-
-
-class ResNet9(nn.Module):
     def __init__(self, num_classes=10, in_channels=3, image_size=(32, 32),
                  widths=(64, 128, 256, 512), head_scale=0.125):
         super().__init__()
@@ -52,9 +36,6 @@ class ResNet9(nn.Module):
     def forward_head(self, x):
         return self.fc(self.pool(x).flatten(1)) * self.head_scale
 
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
 
 class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int):
@@ -71,7 +52,9 @@ class BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
+class ResNet18(Classifier):
+    classifier = "fc"
+
     def __init__(self, num_classes=10, in_channels=3, image_size=(32, 32), widths=(64,)):
         super().__init__()
         base = widths[0]
@@ -90,9 +73,6 @@ class ResNet18(nn.Module):
 
     def forward_head(self, x):
         return self.fc(self.pool(x).flatten(1))
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 def _widths(name, widths, n):

@@ -9,11 +9,13 @@ import torch
 import torch.nn as nn
 
 from ..errors import SettingsError
+from .base import Classifier
 from .registry import register_model
 
 
-class SeedCNN(nn.Module):
+class SeedCNN(Classifier):
     """First tutorial's CNNModel: conv-relu-dropout-conv-relu-pool, then two linear layers."""
+    classifier = "head.4"
 
     def __init__(self, num_classes=10, in_channels=3, image_size=(32, 32)):
         super().__init__()
@@ -33,15 +35,13 @@ class SeedCNN(nn.Module):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 class SeedSimple(SeedCNN):
     """Second tutorial's SimpleCNN: two conv-relu-pool stages, then two linear layers."""
+    classifier = "head.3"
 
     def __init__(self, num_classes=10, in_channels=3, image_size=(32, 32)):
-        nn.Module.__init__(self)
+        Classifier.__init__(self)
         h, w = image_size[0] // 4, image_size[1] // 4
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 16, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),

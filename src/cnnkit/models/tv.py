@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 
-import torch
 import torch.nn as nn
 
 from ..errors import DownloadError, SettingsError, unknown_choice
+from .base import Classifier
 
 PREFIX = "tv:"
 NO_AUX = {"googlenet", "inception_v3"}  # built without auxiliary heads: one output
@@ -19,7 +19,7 @@ def tv_names() -> list[str]:
     return [PREFIX + n for n in models.list_models(module=models)]
 
 
-class TorchvisionNet(nn.Module):
+class TorchvisionNet(Classifier):
     """A torchvision model whose last Linear layer is `head`; the rest is the backbone."""
 
     def __init__(self, name: str, num_classes: int, in_channels: int):
@@ -46,11 +46,14 @@ class TorchvisionNet(nn.Module):
     def forward_head(self, x):
         return self.head(x)
 
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.parameters())
 
-    def backbone(self) -> nn.Module:
-        return self.net
+    def warmup_epochs(self, cfg) -> int:
+        return cfg.freeze_epochs
+
+    def on_epoch(self, epoch: int, cfg) -> None:
+        self.set_frozen(epoch < cfg.freeze_epochs)
 
     def set_frozen(self, frozen: bool) -> None:
         """Freeze the backbone (weights and BatchNorm statistics) or release it."""
@@ -65,7 +68,7 @@ class TorchvisionNet(nn.Module):
             self.net.eval()  # BatchNorm statistics stay as pretrained
         return self
 
-    def load_backbone(self, state: dict, source: str) -> None:
+    def load_pretrained(self, state: dict, source: str) -> None:
         """Load an ImageNet state_dict (as torchvision saves it) into the backbone; its
         1000-class head is left out, the new head keeps its fresh initialisation."""
         head_keys = {f"{self.head_name}.weight", f"{self.head_name}.bias"}
