@@ -23,6 +23,12 @@ def cifar_subset() -> Path:
 
 
 @pytest.fixture(scope="session")
+def hymenoptera() -> Path:
+    """398 real photos of ants and bees in train/ and val/ (JPEGs of many sizes)."""
+    return shared_data() / "hymenoptera"
+
+
+@pytest.fixture(scope="session")
 def png_sample() -> Path:
     return shared_data() / "cifar10-png-sample"
 

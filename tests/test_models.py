@@ -108,3 +108,28 @@ def test_model_sizes_are_the_known_architectures():
     # CIFAR ResNet-18 has 11.17M parameters; the DAWNBench ResNet-9 6.57M
     assert abs(count(cnnkit.create_model("resnet18")) - 11_173_962) == 0
     assert abs(count(cnnkit.create_model("resnet9")) - 6_573_120) < 10_000
+
+
+@pytest.mark.parametrize("name", list_models() + ["tv:mobilenet_v3_small"])
+def test_every_model_fulfils_the_contract(name):
+    """What the training code relies on, for every model (as timm's tests do): the
+    classifier can be found and replaced, and the hooks run."""
+    from cnnkit.models.base import Classifier
+    torch.manual_seed(0)
+    model = cnnkit.create_model(name, num_classes=4, in_channels=3, image_size=32)
+    assert isinstance(model, Classifier)
+    head = model.get_classifier()
+    assert isinstance(head, nn.Linear) and head.out_features == 4
+    x = torch.randn(2, 3, 32, 32)
+    model.init_from_data(x)
+    cfg = cnnkit.make_config(model=name, freeze_epochs=1 if name.startswith("tv:") else 0)
+    assert model.warmup_epochs(cfg) in (0, cfg.freeze_epochs, cfg.whiten_bias_epochs)
+    trained = lambda: [p.requires_grad for p in model.parameters()]  # noqa: E731
+    model.on_epoch(0, cfg)
+    early = trained()
+    model.on_epoch(model.warmup_epochs(cfg), cfg)
+    assert (early == trained()) == (model.warmup_epochs(cfg) == 0)  # a warm-up changes them
+    body = {id(p) for p in model.backbone_parameters()}
+    assert body <= {id(p) for p in model.parameters()} and id(head.weight) not in body
+    model.reset_classifier(6)
+    assert model.eval()(x).shape == (2, 6) and model.get_classifier().out_features == 6

@@ -2,7 +2,7 @@
 
 `import cnnkit` stays light: matplotlib, captum, onnx, onnxruntime and fastapi are imported
 by the first call that needs them."""
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
 
 from .checkpoint import LoadedModel, RunInfo, load  # noqa: E402
 from .config import RECIPES, Config, make_config  # noqa: E402

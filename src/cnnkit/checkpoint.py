@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import __version__
+from .version import __version__
 from .config import Config, field_names
 from .data import BUILTIN, Dataset, load_dataset
 from .errors import CnnkitError, SettingsError
@@ -79,8 +79,8 @@ class RunInfo:
         return cls(Config(**{k: d[k] for k in field_names() if k in d}),
                    **{k: (tuple(d[k]) if k == "input_size" else d[k]) for k in known if k in d})
 
-    def describe(self) -> str:
-        return describe(self.config.model, len(self.classes), self.in_channels,
+    def model_description(self) -> str:
+        return model_description(self.config.model, len(self.classes), self.in_channels,
                         self.input_size)
 
     def build_model(self) -> nn.Module:
@@ -103,7 +103,7 @@ class RunInfo:
                             max_memory=cfg.max_memory, stream=True if cfg.stream else None)
 
 
-def describe(model: str, classes: int, in_channels: int, image_size) -> str:
+def model_description(model: str, classes: int, in_channels: int, image_size) -> str:
     h, w = image_size
     return f"{model} for {classes} classes at {in_channels}×{h}×{w}"
 
@@ -270,7 +270,7 @@ def load_weights(model: nn.Module, ckpt: dict, target: str, source: str) -> None
         key = (wrong or extra)[0]
         detail = (f"{key}: {tuple(state[key].shape)} vs {tuple(own[key].shape)}"
                   if key in state and key in own else f"{key} only on one side")
-        raise CnnkitError(f"{source} holds {RunInfo.from_dict(ckpt).describe()}, which does "
+        raise CnnkitError(f"{source} holds {RunInfo.from_dict(ckpt).model_description()}, which does "
                           f"not fit {target} ({len(wrong) + len(extra)} tensors differ, e.g. "
                           f"{detail})")
     model.load_state_dict(state)
@@ -322,7 +322,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     ckpt = read_checkpoint(path)
     info = RunInfo.from_dict(ckpt)
     model = info.build_model()
-    load_weights(model, ckpt, info.describe(), str(path))
+    load_weights(model, ckpt, info.model_description(), str(path))
     model.to(device).eval()
     return LoadedModel(model, info, str(path), metrics=ckpt.get("metrics") or {})
 

@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from . import __version__
+from .version import __version__
 from .config import DEFAULT_RECIPE, RECIPES, Config, make_config
 from .distributed import from_env, quiet_unless_main
 from .errors import CnnkitError, Interrupted, SettingsError, one_line_warnings

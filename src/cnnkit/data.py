@@ -45,10 +45,12 @@ class Split:
         return self.images[:n]
 
     def iterate(self, batches, device):
-        """(index, uint8 images, labels) per batch of indices, on `device`."""
+        """(index, uint8 images, labels) per batch of indices, on `device` (a split already
+        there, as training moves it once, is not copied)."""
         for index in batches:
             index = index.to(self.labels.device, non_blocking=True)
-            yield index, self.images[index], self.labels[index]
+            yield (index, self.images[index].to(device, non_blocking=True),
+                   self.labels[index].to(device, non_blocking=True))
 
 
 class _Files(torch.utils.data.Dataset):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import __version__
+from .version import __version__
 from .checkpoint import LoadedModel, OnnxModel, load, read_checkpoint, save_safetensors
 from .errors import CnnkitError, SettingsError, unknown_choice
 

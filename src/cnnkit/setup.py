@@ -1,26 +1,29 @@
 """Everything a run needs before its first step, shared by `train` and `lr-find`: the
-settings checked (`preflight`), the data and the freshly initialised model (`prepare`),
-the starting weights (`start_weights`), and a time budget turned into steps (`plan_steps`)."""
+settings checked (`preflight`, `check_processes`, `resume_settings`), the data and the
+freshly initialised model (`prepare`), the starting weights (`start_weights`), a time
+budget turned into steps (`plan_steps`), and all of it put together (`build_run`)."""
 from __future__ import annotations
 
 import copy
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from . import distributed
-from .checkpoint import describe, load_weights, read_checkpoint, read_run
+from .checkpoint import RunInfo, load_weights, model_description, read_checkpoint, read_run
 from .config import Config, fill_recipe_defaults, parse_widths
 from .data import Dataset, check_source, expected_input, load_dataset
 from .device import Runtime, synchronize
-from .engine import TrainStep, train_one_epoch
+from .engine import TrainStep, balanced_weights, batch_order, to_device, train_one_epoch
 from .errors import SettingsError
 from .models import create_model, model_entry
-from .optim import build_optimizer
+from .optim import build_ema, build_optimizer, build_scheduler
 from .runs import check_new_run_dir
-from .transforms import channel_stats, to_input
+from .transforms import Augment, channel_stats, to_input
 
 
 def preflight(cfg: Config, check_out: bool = True) -> None:
@@ -65,7 +68,7 @@ def start_weights(model, cfg: Config, ds: Dataset) -> None:
             model.load_pretrained(raw, cfg.weights)
             return
     load_weights(model, read_checkpoint(cfg.weights),
-                 describe(cfg.model, len(ds.classes), ds.in_channels, ds.image_size), cfg.weights)
+                 model_description(cfg.model, len(ds.classes), ds.in_channels, ds.image_size), cfg.weights)
 
 
 def prepare(cfg: Config, runtime: Runtime):
@@ -158,3 +161,61 @@ def resume_settings(run_dir: Path, config, overrides: dict) -> tuple[Config, dic
     cfg = dataclasses.replace(info.config, data=info.data_source or info.config.data,
                               **{k: overrides[k] for k in machine if overrides.get(k)})
     return cfg, ckpt
+
+
+@dataclass
+class Run:
+    """A run's parts, built once before the first epoch (the training loop's state)."""
+    cfg: Config
+    info: RunInfo
+    ds: Dataset
+    model: nn.Module
+    train_data: object
+    val_data: object
+    step: TrainStep
+    generator: torch.Generator  # the epoch orders and augmentation: the same on every process
+    steps_per_epoch: int
+    total_steps: int
+    plan: str
+    dist: distributed.Dist
+    runtime: Runtime
+
+
+def build_run(cfg: Config, ckpt: dict | None, dist, runtime: Runtime) -> Run:
+    cfg, ds, model, model_args, mean, std = prepare(cfg, runtime)
+    if ckpt is None:
+        start_weights(model, cfg, ds)
+    if dist.enabled and cfg.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(runtime.device, memory_format=runtime.memory_format)
+    train_data, val_data = to_device(ds.train, runtime, dist), to_device(ds.val, runtime, dist)
+    per_epoch = len(batch_order(len(train_data), cfg.batch_size, torch.Generator(), dist.world))
+    augment = Augment(cfg.flip, cfg.translate, cfg.cutout)
+    if ckpt is not None:
+        total = ckpt["train_state"]["total_steps"]
+        plan = f"{total} steps"
+    elif cfg.time_budget is not None:
+        total, plan = plan_steps(model, wrapper(cfg, dist, runtime), train_data, cfg, augment,
+                                 mean, std, runtime, per_epoch, dist)
+        cfg = dataclasses.replace(cfg, epochs=-(-total // per_epoch))
+    else:
+        total = cfg.epochs * per_epoch
+        plan = f"{total} steps"
+    optimizer = build_optimizer(model, cfg)
+    weights = balanced_weights(train_data.labels, len(ds.classes)).to(runtime.device) \
+        if cfg.balance else None
+    step = TrainStep(optimizer, build_scheduler(optimizer, cfg, total), augment, mean, std,
+                     runtime, cfg.label_smoothing, weights, cfg.seed, dist,
+                     build_ema(model, cfg.ema))
+    info = RunInfo.of_run(cfg, ds, mean, std, model_args, processes=dist.world)
+    return Run(cfg, info, ds, model, train_data, val_data, step,
+                torch.Generator().manual_seed(cfg.seed), per_epoch, total, plan, dist, runtime)
+
+
+def wrapper(cfg: Config, dist: distributed.Dist, runtime: Runtime):
+    """What the training loop calls for a module: under DDP a DistributedDataParallel of
+    it, compiled if asked."""
+    def wrap(module):
+        net = distributed.ddp(module, dist, runtime.device)
+        return torch.compile(net) if cfg.compile else net
+    return wrap

@@ -3,7 +3,6 @@ best.pt, report.html). Setup lives in setup.py, one epoch in engine.py, the save
 format in checkpoint.py, the run folder in runs.py; this is the loop."""
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from contextlib import ExitStack
@@ -12,23 +11,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
 from . import distributed
-from .checkpoint import (RunInfo, build_checkpoint, load, restore_training_state,
-                         training_state, write_config)
+from .checkpoint import build_checkpoint, load, restore_training_state, training_state, write_config
 from .config import Config, make_config
-from .data import Dataset
 from .device import Runtime, select_runtime, synchronize
-from .engine import (EvalResult, NonFiniteLoss, TrainStep, balanced_weights, batch_order,
-                     evaluate_split, to_device, train_one_epoch)
+from .engine import EvalResult, NonFiniteLoss, evaluate_split, train_one_epoch
 from .errors import CnnkitError, Interrupted, SettingsError
 from .metrics import evaluation_record
-from .optim import build_ema, build_optimizer, build_scheduler
 from .report import write_report
 from .runs import RunFolder, TensorBoard, last_saved_epoch, save_epoch
-from .setup import check_processes, plan_steps, preflight, prepare, resume_settings, start_weights
-from .transforms import Augment
+from .setup import Run, build_run, check_processes, preflight, resume_settings, wrapper
 
 
 @dataclass
@@ -78,56 +71,9 @@ def _silent(message: str) -> None:
     pass
 
 
-@dataclass
-class _Run:
-    """A run's parts, built once before the first epoch."""
-    cfg: Config
-    info: RunInfo
-    ds: Dataset
-    model: nn.Module
-    train_data: object
-    val_data: object
-    step: TrainStep
-    generator: torch.Generator  # the epoch orders and augmentation: the same on every process
-    steps_per_epoch: int
-    total_steps: int
-    plan: str
-
-
-def _build(cfg: Config, ckpt: dict | None, dist, runtime: Runtime) -> _Run:
-    cfg, ds, model, model_args, mean, std = prepare(cfg, runtime)
-    if ckpt is None:
-        start_weights(model, cfg, ds)
-    if dist.enabled and cfg.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(runtime.device, memory_format=runtime.memory_format)
-    train_data, val_data = to_device(ds.train, runtime, dist), to_device(ds.val, runtime, dist)
-    per_epoch = len(batch_order(len(train_data), cfg.batch_size, torch.Generator(), dist.world))
-    augment = Augment(cfg.flip, cfg.translate, cfg.cutout)
-    if ckpt is not None:
-        total = ckpt["train_state"]["total_steps"]
-        plan = f"{total} steps"
-    elif cfg.time_budget is not None:
-        total, plan = plan_steps(model, _wrapper(cfg, dist, runtime), train_data, cfg, augment,
-                                 mean, std, runtime, per_epoch, dist)
-        cfg = dataclasses.replace(cfg, epochs=-(-total // per_epoch))
-    else:
-        total = cfg.epochs * per_epoch
-        plan = f"{total} steps"
-    optimizer = build_optimizer(model, cfg)
-    weights = balanced_weights(train_data.labels, len(ds.classes)).to(runtime.device) \
-        if cfg.balance else None
-    step = TrainStep(optimizer, build_scheduler(optimizer, cfg, total), augment, mean, std,
-                     runtime, cfg.label_smoothing, weights, cfg.seed, dist,
-                     build_ema(model, cfg.ema))
-    info = RunInfo.of_run(cfg, ds, mean, std, model_args, processes=dist.world)
-    return _Run(cfg, info, ds, model, train_data, val_data, step,
-                torch.Generator().manual_seed(cfg.seed), per_epoch, total, plan)
-
-
 def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, log,
            progress: bool) -> TrainResult:
-    run = _build(cfg, ckpt, dist, runtime)
+    run = build_run(cfg, ckpt, dist, runtime)
     cfg, ds, model, step = run.cfg, run.ds, run.model, run.step
     result = TrainResult(Path(resume) if resume else None, cfg)
     first_epoch, steps_done = 0, 0
@@ -155,8 +101,7 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
             f"recipe {cfg.recipe}, {cfg.epochs} epochs, batch {cfg.batch_size}, {run.plan}, "
             f"{where}; run folder {run_dir}" + (f"; resuming after epoch {first_epoch - 1}"
                                                  if ckpt is not None else ""))
-        final = _loop(run, result, first_epoch, steps_done, run_dir, dist, runtime, log,
-                      progress, board)
+        final = _loop(run, result, first_epoch, steps_done, run_dir, log, progress, board)
         if final is not None and dist.main:  # the pictures and report.html of the final model
             write_report(run_dir, evaluation=evaluation_record(
                 final.confusion, final.loss, ds.classes, ds.source, ds.val_name),
@@ -170,11 +115,11 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
     return result
 
 
-def _loop(run: _Run, result: TrainResult, first_epoch: int, steps_done: int, run_dir: Path,
-          dist, runtime: Runtime, log, progress: bool, board) -> EvalResult | None:
+def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_dir: Path,
+          log, progress: bool, board) -> EvalResult | None:
     """Per epoch: train, evaluate, save, log. Returns the final evaluation."""
-    cfg, model, step = run.cfg, run.model, run.step
-    wrap = _wrapper(cfg, dist, runtime)
+    cfg, model, step, dist, runtime = run.cfg, run.model, run.step, run.dist, run.runtime
+    wrap = wrapper(cfg, dist, runtime)
     net, trained = wrap(model), _trained_set(model)
     best = max((m["val_acc"] for m in result.metrics), default=-1.0)
     epoch, ev = first_epoch, None
@@ -230,15 +175,6 @@ def _loop(run: _Run, result: TrainResult, first_epoch: int, steps_done: int, run
         error.echo = not dist.main  # every process was stopped; rank 0 says so
         raise error from None
     return ev
-
-
-def _wrapper(cfg: Config, dist: distributed.Dist, runtime: Runtime):
-    """What the training loop calls for a module: under DDP a DistributedDataParallel of
-    it, compiled if asked."""
-    def wrap(module):
-        net = distributed.ddp(module, dist, runtime.device)
-        return torch.compile(net) if cfg.compile else net
-    return wrap
 
 
 def _trained_set(model) -> tuple[bool, ...]:

@@ -35,8 +35,20 @@ class TorchvisionNet(Classifier):
         old = self.net.get_submodule(self.head_name)
         self.net.set_submodule(self.head_name, nn.Identity())
         self.head = nn.Linear(old.in_features, num_classes)
+        self._zero_head()
         self.in_channels = in_channels
         self.frozen = False
+
+    def _zero_head(self) -> None:
+        # The new head starts at zero (as BiT's fine-tuning does): every class equally
+        # likely, and no random projection of the features to unlearn (measured:
+        # benchmarks/RESULTS.md, section 6).
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        super().reset_classifier(num_classes)
+        self._zero_head()
 
     def forward_features(self, x):
         if self.in_channels == 1:  # ImageNet models take RGB: repeat a grey channel
