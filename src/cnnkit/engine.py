@@ -67,10 +67,11 @@ class TrainStep:
 
 def train_step(model: nn.Module, s: TrainStep, batch: torch.Tensor, index: torch.Tensor,
                images: torch.Tensor, y: torch.Tensor, *, epoch: int,
-               generator: torch.Generator, batch_labels: torch.Tensor) -> tuple:
+               generator: torch.Generator, batch_labels: torch.Tensor | None = None) -> tuple:
     """One optimizer step on this process's share (index, images, y) of the global batch
-    `batch` (whose labels are `batch_labels`): augment, forward, loss, backward, step.
-    Returns the global-batch mean loss and this share's logits, both detached."""
+    `batch`: augment, forward, loss, backward, step. With class weights, `batch_labels`
+    are the global batch's labels. Returns the global-batch mean loss and this share's
+    logits, both detached."""
     device = s.runtime.device
     x = to_input(images, s.mean, s.std)
     if s.augment.active:
@@ -117,7 +118,8 @@ def train_one_epoch(model: nn.Module, data: Split, s: TrainStep, *, batch_size: 
     for step, (batch, (index, images, y)) in enumerate(zip(batches, stream)):
         try:
             loss, logits = train_step(model, s, batch, index, images, y, epoch=epoch,
-                                      generator=generator, batch_labels=data.labels[batch])
+                                      generator=generator, batch_labels=None if
+                                      s.class_weights is None else data.labels[batch])
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"{e}, step {step}") from None
         if s.ema is not None and step % s.ema_every == s.ema_every - 1:

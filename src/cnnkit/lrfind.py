@@ -13,7 +13,8 @@ import torch
 
 from .config import make_config
 from .device import select_runtime
-from .engine import NonFiniteLoss, TrainStep, batch_order, to_device, train_step
+from .engine import (NonFiniteLoss, TrainStep, balanced_weights, batch_order, to_device,
+                     train_step)
 from .optim import build_optimizer
 from .plots import plot_lr_find
 from .setup import preflight, prepare
@@ -49,7 +50,8 @@ def lr_range_test(model, data, step: TrainStep, *, batch_size: int, base_lr: flo
                 zip(batches, data.iterate(batches, step.runtime.device))):
             try:
                 loss, _ = train_step(model, step, batch, index, images, labels, epoch=0,
-                                     generator=generator, batch_labels=data.labels[batch])
+                                     generator=generator, batch_labels=None if
+                                     step.class_weights is None else data.labels[batch])
             except NonFiniteLoss:
                 break
             value = float(loss)
@@ -87,8 +89,10 @@ def lr_find(out: str | Path = "lr-find.png", *, steps: int = 100, start: float =
     preflight(dataclasses.replace(cfg, out=None))
     cfg, ds, model, _, mean, std = prepare(cfg, runtime)
     model.to(runtime.device, memory_format=runtime.memory_format)
+    weights = balanced_weights(ds.train.labels, len(ds.classes)).to(runtime.device) \
+        if cfg.balance else None
     step = TrainStep(build_optimizer(model, cfg), None, Augment(cfg.flip, cfg.translate,
-                     cfg.cutout), mean, std, runtime, cfg.label_smoothing, seed=cfg.seed)
+                     cfg.cutout), mean, std, runtime, cfg.label_smoothing, weights, cfg.seed)
     result = lr_range_test(model, to_device(ds.train, runtime), step,
                            batch_size=cfg.batch_size, base_lr=cfg.lr, start=start, end=end,
                            steps=steps, seed=cfg.seed)
