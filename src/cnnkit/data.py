@@ -7,6 +7,7 @@ in memory, so training can index batches straight out of one tensor.
 """
 from __future__ import annotations
 
+import csv
 import difflib
 import os
 import pickle
@@ -324,7 +325,6 @@ def _class_folder(root: Path, classes: list[str] | None = None):
 def _csv_listing(path: Path):
     """(classes, files, labels) from a CSV of `path,label` rows (a header row is allowed);
     paths are relative to the CSV's folder."""
-    import csv
     with open(path, newline="", encoding="utf-8") as f:
         rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
