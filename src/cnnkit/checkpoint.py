@@ -143,11 +143,6 @@ def build_checkpoint(info: RunInfo, model: nn.Module, epoch: int, metrics: dict)
             "state_dict": cpu_state(model)}
 
 
-def write_config(run_dir: Path, info: RunInfo) -> None:
-    atomic_write(Path(run_dir) / "config.json",
-                 lambda f: f.write(json.dumps(info.to_dict(), indent=2).encode()))
-
-
 def save_checkpoint(path: Path, payload: dict) -> None:
     atomic_write(path, lambda f: torch.save(payload, f))
 

@@ -137,7 +137,8 @@ def default_recipe(model: str | None) -> str:
 def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str) -> Config:
     """Settings a recipe leaves to the data and the machine, filled in where the user gave
     none: the number of epochs grows as the data set shrinks (each pass holds fewer steps),
-    and fastnet is narrower on the CPU, where compute, not memory traffic, is the limit."""
+    and a model may have widths of its own per device type (fastnet's are narrower on the
+    CPU)."""
     changes = {}
     if cfg.epochs is None:
         if cfg.recipe == "fast":
@@ -149,8 +150,9 @@ def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str) -> Confi
     if cfg.lr is None:
         batch = changes.get("batch_size", cfg.batch_size)
         changes["lr"] = 0.002 if cfg.optimizer == "adamw" else 0.2 * batch / 128
-    if cfg.width is None and cfg.model == "fastnet":
-        changes["width"] = "64,256,256" if device_type == "cuda" else "32,128,128"
+    widths = model_entry(cfg.model).widths
+    if cfg.width is None and widths and device_type in widths:
+        changes["width"] = widths[device_type]
     return dataclasses.replace(cfg, **changes)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write, save_checkpoint
+from .checkpoint import RunInfo, atomic_write, save_checkpoint
 from .errors import CnnkitError, SettingsError
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds",
@@ -91,6 +91,12 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
     for row in rows:
         writer.writerow([_fmt(row[c]) for c in METRIC_COLUMNS])
     atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def write_config(run_dir: Path, info: RunInfo) -> None:
+    """config.json: the run's record, as every checkpoint of it holds it too."""
+    atomic_write(Path(run_dir) / "config.json",
+                 lambda f: f.write(json.dumps(info.to_dict(), indent=2).encode()))
 
 
 def save_epoch(run_dir: Path, ckpt: dict, improved: bool, train_state: dict) -> None:

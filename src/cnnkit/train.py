@@ -13,14 +13,14 @@ from typing import Callable
 import torch
 
 from . import distributed
-from .checkpoint import build_checkpoint, load, restore_training_state, training_state, write_config
+from .checkpoint import build_checkpoint, load, restore_training_state, training_state
 from .config import Config, make_config
 from .device import Runtime, select_runtime, synchronize
 from .engine import EvalResult, NonFiniteLoss, evaluate_split, train_one_epoch
 from .errors import CnnkitError, Interrupted, SettingsError
 from .metrics import evaluation_record
 from .report import write_report
-from .runs import RunFolder, TensorBoard, last_saved_epoch, save_epoch
+from .runs import RunFolder, TensorBoard, last_saved_epoch, save_epoch, write_config
 from .setup import Run, build_run, check_processes, preflight, resume_settings, wrapper
 
 

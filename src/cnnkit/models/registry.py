@@ -25,17 +25,21 @@ class ModelEntry:
     # weights themselves (downloaded); None for models trained from scratch.
     pretrained_info: Callable[[], dict] | None = None
     pretrained_state: Callable[[], dict] | None = None
+    # --width when none is given, per device type (measured fastest there); else the model's own
+    widths: dict[str, str] | None = None
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, description: str = ""):
-    """Decorator: register a builder `fn(num_classes, in_channels, image_size, **kw)`."""
+def register_model(name: str, description: str = "", widths: dict[str, str] | None = None):
+    """Decorator: register a builder `fn(num_classes, in_channels, image_size, **kw)`;
+    `widths` maps a device type to the --width it uses when none is given."""
     def wrap(fn):
         if name in _REGISTRY:
             raise ValueError(f"model name {name!r} is already registered")
-        _REGISTRY[name] = ModelEntry(name, fn, description or (fn.__doc__ or "").strip())
+        _REGISTRY[name] = ModelEntry(name, fn, description or (fn.__doc__ or "").strip(),
+                                     widths=widths)
         return fn
     return wrap
 
