@@ -59,8 +59,16 @@ def test_resume_refuses_new_settings_and_non_runs(tmp_path):
         cnnkit.train(resume=tmp_path)
 
 
+def _as_at_a_terminal():
+    # A job started in the background by a non-interactive shell (some CI runners) inherits
+    # SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt; the user
+    # at a terminal this test stands for has it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(*args):
     return subprocess.Popen([sys.executable, "-m", "cnnkit", *map(str, args)],
+                            preexec_fn=_as_at_a_terminal,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -200,7 +208,16 @@ def test_safetensors_export_loads_to_identical_logits(tmp_path, png_run, png_sam
         cnnkit.load(tmp_path / "bare.safetensors")
 
 
-def test_interrupt_during_epoch_writes_waits_and_a_second_one_stops_at_once():
+@pytest.fixture
+def sigint_as_at_a_terminal():
+    """Ctrl-C as at a terminal, whatever this test process inherited (see _as_at_a_terminal)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupt_during_epoch_writes_waits_and_a_second_one_stops_at_once(
+        sigint_as_at_a_terminal):
     from cnnkit.runs import deferred_interrupts
     done = []
     with pytest.raises(KeyboardInterrupt):
