@@ -1,4 +1,5 @@
 """The command line: one end-to-end run in a real subprocess, and every error as one line."""
+import dataclasses
 import importlib
 import json
 import os
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cnnkit
 from cnnkit.cli import main
 
 
@@ -160,3 +162,37 @@ def test_demo_falls_back_to_digits_offline(tmp_path, capsys):
     assert "could not download cifar10" in out and "digits instead" in out
     assert "data: digits" in out and "confusion matrix" in out
     assert json.loads((tmp_path / "demo" / "config.json").read_text())["data"] == "digits"
+
+
+def test_patience_stops_a_run_whose_accuracy_is_flat(tmp_path):
+    lines = []
+    # lr so small that nothing changes: validation accuracy is flat after epoch 0
+    result = cnnkit.train(data="digits", model="seed-simple", recipe="tutorial", lr=1e-12,
+                          epochs=10, patience=2, image_size=8 * 2, out=str(tmp_path / "r"),
+                          log=lines.append)
+    accs = [m["val_acc"] for m in result.metrics]
+    assert len(accs) == 3 and len(set(accs)) == 1, accs
+    assert any(l.startswith("stopping early: val accuracy has not improved for 2 epochs")
+               and "without --patience" in l for l in lines)
+    assert torch.load(tmp_path / "r" / "best.pt", weights_only=True)["epoch"] == 0
+    with pytest.raises(cnnkit.CnnkitError, match="--patience must be at least 1"):
+        cnnkit.train(data="digits", patience=0)
+
+
+def test_config_of_a_finished_run_repeats_it(png_run, tmp_path, monkeypatch, capsys):
+    from cnnkit.checkpoint import RunInfo
+    from cnnkit.config import settings_from_file
+    saved = png_run.run_dir / "config.json"
+    original = RunInfo.from_dict(json.loads(saved.read_text()))
+    rebuilt = cnnkit.make_config(**settings_from_file(str(saved)))
+    assert rebuilt == dataclasses.replace(original.config, out=None,
+                                          data=original.data_source)
+    monkeypatch.chdir(tmp_path)  # from anywhere: the data is found by its absolute path
+    assert main(["train", "--config", str(saved), "--epochs", "1", "--out", "again"]) == 0
+    err = capsys.readouterr().err
+    assert f"from {saved}; --epochs, --out from the command line" in err
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again["epochs"] == 1 and again["seed"] == original.config.seed
+    assert again["model"] == original.config.model and again["lr"] == original.config.lr
+    assert again["data_source"] == original.data_source
+    assert main(["train", "--config", str(tmp_path / "nope.json")]) == 2

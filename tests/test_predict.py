@@ -1,3 +1,7 @@
+import csv
+import shutil
+from pathlib import Path
+
 import torch
 from PIL import Image
 
@@ -49,3 +53,47 @@ def test_unreadable_files_get_errors_and_the_rest_still_predicts(png_run, png_sa
     assert ["error" in r for r in results] == [True, True, False, True, True]
     assert results[0]["error"] == "no such file"
     assert results[2]["predictions"]
+
+
+def test_predict_a_folder_tree_to_csv_agrees_with_eval(png_run, png_sample, tmp_path, capsys):
+    from cnnkit.cli import main
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(png_run.run_dir), str(png_sample), "--recursive", "--csv",
+                 str(out), "--top-k", "2", "--batch-size", "16"]) == 0
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader(open(out)))
+    files = sorted(png_sample.rglob("*.png"))
+    assert [r["file"] for r in rows] == [str(f) for f in files]  # one row per file, in order
+    assert list(rows[0]) == ["file", "predicted", "probability", "class_2", "probability_2",
+                             "label", "error"]
+    assert all(r["label"] == Path(r["file"]).parent.name for r in rows)
+    right = sum(r["predicted"] == r["label"] for r in rows)
+    # eval on the same 200 files (another batch size: allow one near-tie to fall either way)
+    record = cnnkit.evaluate(png_run.run_dir, str(png_sample), split="all", device="cpu")
+    assert record["num_images"] == 200
+    assert abs(right - record["accuracy"] * 200) <= 1
+    assert "on 200 images whose folder names their class" in printed
+    # without --recursive a folder of class folders holds no images: said, non-zero exit
+    assert main(["predict", str(png_run.run_dir), str(png_sample)]) == 1
+    assert "--recursive" in capsys.readouterr().err
+    # --csv never overwrites
+    assert main(["predict", str(png_run.run_dir), str(png_sample), "--csv", str(out)]) == 2
+
+
+def test_predict_a_glob_and_a_folder_with_a_broken_file(png_run, png_sample, tmp_path, capsys):
+    from cnnkit.cli import main
+    cats = sorted((png_sample / "cat").glob("*.png"))
+    results = cnnkit.predict(png_run.run_dir, [str(png_sample / "cat" / "*.png")], device="cpu")
+    assert [r["file"] for r in results] == [str(f) for f in cats]
+    assert all(r["label"] == "cat" for r in results)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for f in cats[:3]:
+        shutil.copy(f, folder / f.name)
+    (folder / "broken.png").write_bytes(cats[0].read_bytes()[:50])
+    (folder / "notes.txt").write_text("not an image: not read")
+    assert main(["predict", str(png_run.run_dir), str(folder)]) == 1
+    captured = capsys.readouterr()
+    errors = captured.err.strip().splitlines()  # the broken file named, one line
+    assert len(errors) == 1 and errors[0].startswith(f"cnnkit: error: {folder / 'broken.png'}: ")
+    assert len(captured.out.strip().splitlines()) == 3  # the readable ones still predicted

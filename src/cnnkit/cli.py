@@ -7,9 +7,10 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from .version import __version__
-from .config import DEFAULT_RECIPE, RECIPES, Config, make_config
+from .config import DEFAULT_RECIPE, RECIPES, Config, make_config, settings_from_file
 from .distributed import from_env, quiet_unless_main
 from .errors import CnnkitError, Interrupted, SettingsError, one_line_warnings
 
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model; prints accuracy per epoch")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
                    "completed epoch, with its own settings (and any number of processes)")
+    t.add_argument("--config", metavar="FILE", help="take settings from a JSON file: a run's "
+                   "config.json repeats that run (same seed, same data); flags typed here win")
     t.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this "
                    "machine (DDP: one per GPU, or sharing the CPU cores); --batch-size stays "
                    "the global batch. Same as torchrun --nproc-per-node N -m cnnkit train")
@@ -68,10 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "losses and report.html into this folder")
     e.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("predict", help="top classes with probabilities for image files")
-    pr.add_argument("run", help="a run folder or checkpoint file")
-    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr = sub.add_parser("predict", help="top classes with probabilities for images: files, "
+                        "folders or glob patterns")
+    pr.add_argument("run", help="a run folder, checkpoint, or exported .onnx file")
+    pr.add_argument("images", nargs="+", metavar="PATH",
+                    help="image files, folders of images, or glob patterns ('photos/*.jpg')")
+    pr.add_argument("--recursive", action="store_true",
+                    help="also read the images in the folders' subfolders")
+    pr.add_argument("--csv", metavar="FILE", help="write one row per image to FILE as it is "
+                    "done (predicted class, probabilities, true label from the folder name)")
     pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     pr.add_argument("--device", default="auto")
     pr.add_argument("--json", action="store_true", help="print JSON")
     pr.set_defaults(func=cmd_predict)
@@ -170,9 +180,18 @@ def _overrides(args) -> dict:
 def cmd_train(args) -> int:
     from .train import train
     if args.resume:
+        if args.config:
+            raise SettingsError("--resume continues a run with its own settings; drop --config")
         train(resume=args.resume, nproc=args.nproc, **_overrides(args))
     else:
-        train(make_config(**_overrides(args)), nproc=args.nproc)
+        typed = {k: v for k, v in _overrides(args).items() if v is not None}
+        settings = typed
+        if args.config:  # the file's settings, then what was typed here
+            settings = {**settings_from_file(args.config), **typed}
+            print(f"settings: {len(settings) - len(typed)} from {args.config}" +
+                  (f"; {', '.join('--' + k.replace('_', '-') for k in typed)} from the "
+                   "command line" if typed else ""), file=sys.stderr)
+        train(make_config(**settings), nproc=args.nproc)
     return 0
 
 
@@ -193,17 +212,29 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import format_predictions, predict
-    if args.top_k < 1:
-        raise CnnkitError(f"--top-k must be at least 1, got {args.top_k}")
-    results = predict(args.run, args.images, top_k=args.top_k, device=args.device)
-    for r in results:
-        if "error" in r:
-            print(f"cnnkit: error: {r['file']}: {r['error']}", file=sys.stderr)
-    out = json.dumps(results, indent=2) if args.json else format_predictions(results)
-    if out:
-        print(out)
-    return 1 if any("error" in r for r in results) else 0
+    from .predict import accuracy_line, format_predictions, predict
+    if args.top_k < 1 or args.batch_size < 1:
+        raise SettingsError(f"--top-k and --batch-size must be at least 1, got {args.top_k} "
+                            f"and {args.batch_size}")
+    if args.csv and Path(args.csv).exists():
+        raise SettingsError(f"{args.csv} already exists; cnnkit never overwrites a file: "
+                            "pick another --csv")
+    results = predict(args.run, args.images, top_k=args.top_k, device=args.device,
+                      batch_size=args.batch_size, recursive=args.recursive,
+                      csv_path=args.csv)
+    errors = [r for r in results if "error" in r]
+    for r in errors:
+        print(f"cnnkit: error: {r['file']}: {r['error']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    elif args.csv:
+        print(f"wrote {len(results)} rows to {args.csv} ({len(errors)} unreadable)")
+    elif any("predictions" in r for r in results):
+        print(format_predictions(results))
+    summary = accuracy_line(results)
+    if summary and not args.json:
+        print(summary)
+    return 1 if errors else 0
 
 
 def cmd_show_batch(args) -> int:

@@ -72,6 +72,9 @@ class Config:
     label_smoothing: float = _f(0.2, "cross-entropy label smoothing")
     ema: float = _f(0.0, "decay of an exponential moving average of the weights, updated "
                     "every 5 steps and used for evaluation (0: off)")
+    patience: int | None = _f(None, "stop when val accuracy has not improved for N epochs "
+                              "(off by default: the recipes decay the lr over a fixed number "
+                              "of steps, and stopping early cuts that decay short)")
     # --- input pipeline ---------------------------------------------------------
     normalize: bool = _f(True, "subtract the training set's per-channel mean and divide by "
                          "its std (off: pixels scaled to [0, 1] only)")
@@ -178,7 +181,7 @@ def make_config(recipe: str | None = None, **overrides: Any) -> Config:
 
 def validate(cfg: Config) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "translate", "cutout",
-                 "freeze_epochs"):
+                 "freeze_epochs", "patience"):
         low = 0 if name in ("translate", "cutout", "freeze_epochs") else 1
         if getattr(cfg, name) is not None and getattr(cfg, name) < low:
             raise SettingsError(f"--{name.replace('_', '-')} must be at least {low}, "
@@ -215,3 +218,27 @@ def parse_widths(text: str | None) -> tuple[int, ...] | None:
     if not widths or min(widths) < 1:
         raise SettingsError(f"--width values must be positive, got {text!r}")
     return widths
+
+
+def settings_from_file(path: str) -> dict:
+    """The Config fields in a JSON file: a run's config.json (which repeats that run: its
+    data from where it really is, its resolved settings) or a file of chosen settings.
+    `out` is left out, so a repeat gets a run folder of its own."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"--config {path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise SettingsError(f"--config {path}: not a readable JSON file ({e})") from None
+    if not isinstance(saved, dict):
+        raise SettingsError(f"--config {path}: expected a JSON object of settings")
+    fields = set(field_names())
+    unknown = sorted(k for k in saved if k not in fields) if "data_source" not in saved else []
+    if unknown:
+        raise SettingsError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; "
+                            f"valid settings: {', '.join(sorted(fields))}")
+    settings = {k: v for k, v in saved.items() if k in fields and k != "out"}
+    if saved.get("data_source"):  # a run's config.json: its data wherever this runs from
+        settings["data"] = saved["data_source"]
+    return settings

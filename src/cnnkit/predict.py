@@ -1,52 +1,111 @@
-"""`predict`: top classes with softmax probabilities for image files of any size or mode."""
+"""`predict`: top classes with softmax probabilities for images of any size or mode, from
+files, folders (`recursive`) or glob patterns, decoded by a thread pool and inferred in
+batches; optionally written to a CSV as they are done."""
 from __future__ import annotations
 
+import csv
+import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import LoadedModel, load
-from .data import image_to_tensor, read_image
+from .data import IMAGE_EXTENSIONS, image_to_tensor, read_image
 from .device import select_runtime
 from .transforms import to_input
 
 
-def predict(run, images, *, top_k: int = 3, device: str = "auto") -> list[dict]:
-    """For each image (a path or a PIL image): {"file", "predictions": [{"class",
-    "probability"}, ...]} best first, or {"file", "error"} when it cannot be read."""
+def predict(run, images, *, top_k: int = 3, device: str = "auto", batch_size: int = 64,
+            recursive: bool = False, csv_path: str | Path | None = None) -> list[dict]:
+    """For each image: {"file", "predictions": [{"class", "probability"}, ...]} best first,
+    plus "label" when its folder is named like one of the model's classes; or {"file",
+    "error"} when it cannot be read. `images` holds paths, folders (their images; with
+    `recursive`, their subfolders' too), glob patterns or PIL images. With `csv_path`, each
+    result is also written there as a row as soon as it is known."""
     runtime = select_runtime(device)
     lm = run if isinstance(run, LoadedModel) else load(run, runtime.device)
     lm.model.to(runtime.device)
-    results, tensors, slots = [], [], []
-    for item in images:
-        name = str(item) if not isinstance(item, Image.Image) else "<image>"
-        try:
-            if isinstance(item, Image.Image):
-                x = image_to_tensor(item, lm.image_size, lm.in_channels)
-            else:
-                if Path(item).is_dir():
-                    raise IsADirectoryError("is a directory")
-                x = read_image(item, lm.image_size, lm.in_channels)
-        except FileNotFoundError:
-            results.append({"file": name, "error": "no such file"})
+    results = iter_predictions(lm, expand_inputs(images, recursive), top_k=top_k,
+                               device=runtime.device, batch_size=batch_size)
+    if csv_path is None:
+        return list(results)
+    return list(write_csv(results, Path(csv_path), top_k))
+
+
+def expand_inputs(items: Iterable, recursive: bool = False) -> list:
+    """Paths and PIL images as given; a folder becomes its image files (sorted), a glob
+    pattern its matches. A folder or pattern with no image becomes one error entry."""
+    out = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            out.append(item)
             continue
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-            msg = "not a readable image" if isinstance(e, UnidentifiedImageError) else \
-                (str(e).splitlines()[0] if str(e) else type(e).__name__)
-            results.append({"file": name, "error": msg})
-            continue
-        slots.append(len(results))
-        results.append({"file": name, "predictions": []})
-        tensors.append(x)
-    if tensors:
-        probs = predict_tensor(lm, torch.stack(tensors), runtime.device)
-        k = max(1, min(top_k, len(lm.classes)))
-        top = probs.topk(k, dim=1)
-        for slot, values, idx in zip(slots, top.values.tolist(), top.indices.tolist()):
-            results[slot]["predictions"] = [{"class": lm.classes[i], "probability": p}
-                                            for p, i in zip(values, idx)]
-    return results
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in (path.rglob("*") if recursive else path.iterdir())
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            hint = "" if recursive else " (--recursive also reads its subfolders)"
+            out += found or [{"file": str(path), "error": f"a folder with no images{hint}"}]
+        elif not path.exists() and any(c in str(item) for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(str(item), recursive=True)
+                           if Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+            out += found or [{"file": str(item), "error": "no image files match"}]
+        else:
+            out.append(path)
+    return out
+
+
+def _decode(item, lm: LoadedModel):
+    """(tensor, None) or (None, error message) for one input."""
+    if isinstance(item, dict):
+        return None, item["error"]
+    try:
+        if isinstance(item, Image.Image):
+            return image_to_tensor(item, lm.image_size, lm.in_channels), None
+        if item.is_dir():
+            raise IsADirectoryError("is a directory")
+        return read_image(item, lm.image_size, lm.in_channels), None
+    except FileNotFoundError:
+        return None, "no such file"
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        return None, ("not a readable image" if isinstance(e, UnidentifiedImageError) else
+                      (str(e).splitlines()[0] if str(e) else type(e).__name__))
+
+
+def iter_predictions(lm: LoadedModel, items: list, *, top_k: int, device,
+                     batch_size: int = 64) -> Iterator[dict]:
+    """Results in input order, a batch at a time: the next batch decodes in the thread pool
+    while this one is inferred."""
+    k = max(1, min(top_k, len(lm.classes)))
+    known = set(lm.classes)
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        pending = [pool.map(lambda it: _decode(it, lm), b) for b in batches[:1]]
+        for i, batch in enumerate(batches):
+            decoded = list(pending.pop(0))
+            if i + 1 < len(batches):
+                pending.append(pool.map(lambda it: _decode(it, lm), batches[i + 1]))
+            tensors = [x for x, _ in decoded if x is not None]
+            top = predict_tensor(lm, torch.stack(tensors), device).topk(k, dim=1) \
+                if tensors else None
+            j = 0
+            for item, (x, error) in zip(batch, decoded):
+                name = item["file"] if isinstance(item, dict) else \
+                    "<image>" if isinstance(item, Image.Image) else str(item)
+                if x is None:
+                    yield {"file": name, "error": error}
+                    continue
+                result = {"file": name, "predictions": [
+                    {"class": lm.classes[c], "probability": p}
+                    for p, c in zip(top.values[j].tolist(), top.indices[j].tolist())]}
+                if isinstance(item, Path) and item.parent.name in known:
+                    result["label"] = item.parent.name
+                j += 1
+                yield result
 
 
 @torch.inference_mode()
@@ -58,6 +117,39 @@ def predict_tensor(lm: LoadedModel, images: torch.Tensor, device, batch_size: in
         x = chunk if lm.takes_pixels else to_input(chunk.to(device), lm.mean, lm.std)
         out.append(lm.model(x).float().softmax(1).cpu())
     return torch.cat(out)
+
+
+def write_csv(results: Iterable[dict], path: Path, top_k: int) -> Iterator[dict]:
+    """Pass results through, writing each as a CSV row as it comes (flushed, so a long run
+    can be watched and a crash keeps what was done): file, predicted class and probability,
+    the next classes and probabilities, the true label (from the folder name) and any
+    error."""
+    columns = ["file", "predicted", "probability"]
+    for i in range(2, top_k + 1):
+        columns += [f"class_{i}", f"probability_{i}"]
+    columns += ["label", "error"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for r in results:
+            row = [r["file"]]
+            preds = r.get("predictions", [])
+            for i in range(top_k):
+                row += [preds[i]["class"], f"{preds[i]['probability']:.6f}"] \
+                    if i < len(preds) else ["", ""]
+            writer.writerow(row + [r.get("label", ""), r.get("error", "")])
+            f.flush()
+            yield r
+
+
+def accuracy_line(results: list[dict]) -> str | None:
+    """'accuracy 0.8500 on 200 images whose folder names their class', or None."""
+    labelled = [r for r in results if "label" in r]
+    if not labelled:
+        return None
+    right = sum(r["predictions"][0]["class"] == r["label"] for r in labelled)
+    return f"accuracy {right / len(labelled):.4f} on {len(labelled)} images whose folder " \
+           "names their class"
 
 
 def format_predictions(results: list[dict]) -> str:

@@ -166,6 +166,11 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
             log(f"epoch {epoch:>3}  train loss {stats.loss:.4f}  train acc "
                 f"{stats.accuracy:.4f}  {run.ds.val_name} acc {ev.accuracy:.4f}"
                 f"{f' (tta {cfg.tta})' if cfg.tta and last else ''}  {seconds:.1f}s")
+            if cfg.patience and _epochs_since_best(result.metrics) >= cfg.patience and not last:
+                log(f"stopping early: {run.ds.val_name} accuracy has not improved for "
+                    f"{cfg.patience} epochs (best {best:.4f}, kept in best.pt); train every "
+                    "epoch without --patience")
+                break
     except KeyboardInterrupt:
         saved = last_saved_epoch(run_dir)
         kept = (f"epoch {saved} is saved; resume with: cnnkit train --resume {run_dir}"
@@ -175,6 +180,11 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
         error.echo = not dist.main  # every process was stopped; rank 0 says so
         raise error from None
     return ev
+
+
+def _epochs_since_best(metrics: list[dict]) -> int:
+    accs = [m["val_acc"] for m in metrics]
+    return len(accs) - 1 - accs.index(max(accs))
 
 
 def _trained_set(model) -> tuple[bool, ...]:
