@@ -37,7 +37,7 @@ def write_files(folder: Path, n: int) -> list[Path]:
     for i in range(n):
         j = i % len(images)
         path = folder / ds.classes[int(labels[j])] / f"{i:05d}.png"
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[j].permute(1, 2, 0).numpy()).save(path)
         files.append(path)
     return files

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import LoadedModel, load
 from .data import IMAGE_EXTENSIONS, image_to_tensor, read_image
-from .device import select_runtime
+from .device import Runtime, select_runtime
 from .transforms import to_input
 
 
@@ -28,9 +28,9 @@ def predict(run, images, *, top_k: int = 3, device: str = "auto", batch_size: in
     result is also written there as a row as soon as it is known."""
     runtime = select_runtime(device)
     lm = run if isinstance(run, LoadedModel) else load(run, runtime.device)
-    lm.model.to(runtime.device)
+    lm.model.to(runtime.device, memory_format=runtime.memory_format)
     results = iter_predictions(lm, expand_inputs(images, recursive), top_k=top_k,
-                               device=runtime.device, batch_size=batch_size)
+                               runtime=runtime, batch_size=batch_size)
     if csv_path is None:
         return list(results)
     return list(write_csv(results, Path(csv_path), top_k))
@@ -76,7 +76,7 @@ def _decode(item, lm: LoadedModel):
                       (str(e).splitlines()[0] if str(e) else type(e).__name__))
 
 
-def iter_predictions(lm: LoadedModel, items: list, *, top_k: int, device,
+def iter_predictions(lm: LoadedModel, items: list, *, top_k: int, runtime: Runtime,
                      batch_size: int = 64) -> Iterator[dict]:
     """Results in input order, a batch at a time: the next batch decodes in the thread pool
     while this one is inferred."""
@@ -90,7 +90,7 @@ def iter_predictions(lm: LoadedModel, items: list, *, top_k: int, device,
             if i + 1 < len(batches):
                 pending.append(pool.map(lambda it: _decode(it, lm), batches[i + 1]))
             tensors = [x for x, _ in decoded if x is not None]
-            top = predict_tensor(lm, torch.stack(tensors), device).topk(k, dim=1) \
+            top = predict_tensor(lm, torch.stack(tensors), runtime).topk(k, dim=1) \
                 if tensors else None
             j = 0
             for item, (x, error) in zip(batch, decoded):
@@ -109,12 +109,13 @@ def iter_predictions(lm: LoadedModel, items: list, *, top_k: int, device,
 
 
 @torch.inference_mode()
-def predict_tensor(lm: LoadedModel, images: torch.Tensor, device, batch_size: int = 256
-                   ) -> torch.Tensor:
+def predict_tensor(lm: LoadedModel, images: torch.Tensor, runtime: Runtime,
+                   batch_size: int = 256) -> torch.Tensor:
     """Softmax probabilities (N, K) for a uint8 batch already at the model's input size."""
     out = []
     for chunk in images.split(batch_size):
-        x = chunk if lm.takes_pixels else to_input(chunk.to(device), lm.mean, lm.std)
+        x = chunk if lm.takes_pixels else to_input(
+            chunk.to(runtime.device), lm.mean, lm.std, memory_format=runtime.memory_format)
         out.append(lm.model(x).float().softmax(1).cpu())
     return torch.cat(out)
 
