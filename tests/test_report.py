@@ -178,3 +178,34 @@ def test_tensorboard_logs_scalars_per_epoch(tmp_path):
     values = [e.value for e in acc.Scalars("val/acc")]
     assert values == pytest.approx([m["val_acc"] for m in result.metrics])
     assert "train/batch" in acc.Tags()["images"]
+
+
+def test_eval_reports_top5_precision_recall_f1_as_scikit_learn_computes_them(png_run):
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    from cnnkit.evaluate import format_report
+    record = cnnkit.evaluate(png_run.run_dir, device="cpu")
+    # The same predictions, computed here as eval computes them (one batch, channels_last,
+    # no test-time augmentation for this run): the run's val split through its model.
+    lm = cnnkit.load(png_run.run_dir)
+    ds = lm.info.load_data()
+    model = lm.model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        probs = model(to_input(ds.val.images, lm.mean, lm.std,
+                               memory_format=torch.channels_last)).softmax(1)
+    y, pred = ds.val.labels.numpy(), probs.argmax(1).numpy()
+    top5 = (probs.topk(5, dim=1).indices == ds.val.labels[:, None]).any(1).float().mean()
+    assert record["num_images"] == len(y) == 40
+    assert record["top5_accuracy"] == pytest.approx(float(top5))
+    labels = list(range(10))
+    scores = {"precision": precision_score, "recall": recall_score, "f1": f1_score}
+    for name, fn in scores.items():
+        for average in ("macro", "weighted"):
+            want = fn(y, pred, labels=labels, average=average, zero_division=0)
+            assert record[f"{average}_avg"][name] == pytest.approx(want), (average, name)
+        per_class = fn(y, pred, labels=labels, average=None, zero_division=0)
+        assert [record["per_class"][c][name] for c in lm.classes] == pytest.approx(per_class)
+    assert [record["per_class"][c]["support"] for c in lm.classes] == \
+        [int((y == i).sum()) for i in labels]
+    text = format_report(record)
+    assert text.splitlines()[1].startswith("top-5 accuracy") and "macro average" in text

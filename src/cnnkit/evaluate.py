@@ -50,7 +50,8 @@ def evaluate(run, data: str | None = None, *, split: str | None = None, device: 
                         num_classes=len(lm.classes), batch_size=batch_size,
                         tta=lm.config.tta if tta is None else tta,
                         mirror=lm.config.flip != "none")
-    record = evaluation_record(ev.confusion, ev.loss, lm.classes, ds.source, name)
+    record = evaluation_record(ev.confusion, ev.loss, lm.classes, ds.source, name, ev.probs,
+                               images.labels)
     if out is not None:
         write_report(Path(out), evaluation=record, images=images.images, labels=images.labels,
                      probs=ev.probs, settings={"model": lm.name, "checkpoint": lm.path},
@@ -89,13 +90,22 @@ def _check_compatible(lm: LoadedModel, classes: list[str], in_channels: int) -> 
 
 
 def format_report(result: dict) -> str:
-    """The evaluation as text: overall accuracy, per-class accuracy, confusion matrix."""
+    """The evaluation as text: accuracy (and top-5), per-class precision, recall (the class's
+    accuracy) and F1 with their averages, the confusion matrix."""
     classes = result["classes"]
-    width = max(8, max(len(c) for c in classes))
+    width = max(16, max(len(c) for c in classes))
     lines = [f"{result['split']} accuracy {result['accuracy']:.4f} on {result['num_images']} "
-             f"images ({result['data']}); loss {result['loss']:.4f}", "", "per-class accuracy:"]
-    for c, acc in result["per_class_accuracy"].items():
-        lines.append(f"  {c:<{width}} {'-' if acc is None else f'{acc:.4f}'}")
+             f"images ({result['data']}); loss {result['loss']:.4f}"]
+    if "top5_accuracy" in result:
+        lines.append(f"top-5 accuracy {result['top5_accuracy']:.4f}")
+    lines += ["", f"  {'':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'images':>9}"]
+    for c, m in result["per_class"].items():
+        lines.append(f"  {c:<{width}} {m['precision']:>9.4f} {m['recall']:>9.4f} "
+                     f"{m['f1']:>9.4f} {m['support']:>9}")
+    for average in ("macro", "weighted"):
+        m = result[f"{average}_avg"]
+        lines.append(f"  {average + ' average':<{width}} {m['precision']:>9.4f} "
+                     f"{m['recall']:>9.4f} {m['f1']:>9.4f} {result['num_images']:>9}")
     cm = result["confusion_matrix"]
     cell = max(5, max(len(str(v)) for row in cm for v in row) + 1)
     lines += ["", "confusion matrix (rows: true class, columns: predicted):",

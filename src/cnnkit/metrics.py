@@ -22,9 +22,28 @@ def accuracy(confusion: torch.Tensor) -> float:
 
 
 def evaluation_record(confusion: torch.Tensor, loss: float, classes: list[str], data: str,
-                      split: str) -> dict:
-    """What `cnnkit eval` prints and saves: overall and per-class accuracy, the matrix."""
-    return {"data": data, "split": split, "num_images": int(confusion.sum()),
-            "accuracy": accuracy(confusion), "loss": loss, "classes": list(classes),
-            "per_class_accuracy": dict(zip(classes, per_class_accuracy(confusion))),
-            "confusion_matrix": confusion.tolist()}
+                      split: str, probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """What `cnnkit eval` prints and saves: overall and per-class accuracy, top-5 accuracy
+    (more than 5 classes), per-class precision, recall and F1 with their macro and
+    weighted averages (scikit-learn's own functions), and the confusion matrix."""
+    from sklearn.metrics import precision_recall_fscore_support, top_k_accuracy_score
+
+    k = len(classes)
+    y_true, y_pred = labels.cpu().numpy(), probs.argmax(1).cpu().numpy()
+    record = {"data": data, "split": split, "num_images": int(confusion.sum()),
+              "accuracy": accuracy(confusion), "loss": loss, "classes": list(classes),
+              "per_class_accuracy": dict(zip(classes, per_class_accuracy(confusion)))}
+    if k > 5 and len(y_true):
+        record["top5_accuracy"] = float(top_k_accuracy_score(
+            y_true, probs.cpu().double().numpy(), k=5, labels=list(range(k))))
+    per_class = precision_recall_fscore_support(y_true, y_pred, labels=list(range(k)),
+                                                zero_division=0)
+    record["per_class"] = {c: {"precision": float(per_class[0][i]), "recall": float(per_class[1][i]),
+                               "f1": float(per_class[2][i]), "support": int(per_class[3][i])}
+                           for i, c in enumerate(classes)}
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=list(range(k)),
+                                                     average=average, zero_division=0)
+        record[f"{average}_avg"] = {"precision": float(p), "recall": float(r), "f1": float(f)}
+    record["confusion_matrix"] = confusion.tolist()
+    return record

@@ -90,8 +90,10 @@ def _table(rows, head=None) -> str:
 def _html(evaluation, metrics, settings, confused, pictures) -> str:
     title = settings.get("run_dir") or evaluation.get("data", "evaluation")
     last = metrics[-1] if metrics else {}
-    summary = [("accuracy", f"{evaluation['accuracy']:.4f}"),
-               ("loss", f"{evaluation['loss']:.4f}"),
+    summary = [("accuracy", f"{evaluation['accuracy']:.4f}")]
+    if "top5_accuracy" in evaluation:
+        summary.append(("top-5 accuracy", f"{evaluation['top5_accuracy']:.4f}"))
+    summary += [("loss", f"{evaluation['loss']:.4f}"),
                ("images", evaluation["num_images"]),
                ("split", evaluation["split"]), ("data", evaluation["data"])]
     if metrics:
@@ -100,6 +102,12 @@ def _html(evaluation, metrics, settings, confused, pictures) -> str:
                     ("final train accuracy", f"{last['train_acc']:.4f}")]
     keep = [(k, v) for k, v in settings.items() if not isinstance(v, (list, dict))]
     sections = [f"<h2>{html.escape(name)}</h2>{_img(path)}" for name, path in pictures.items()]
+    scores = _table([(c, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}",
+                      m["support"]) for c, m in evaluation.get("per_class", {}).items()] +
+                    [(f"{a} average", *(f"{evaluation[a + '_avg'][k]:.4f}" for k in
+                                        ("precision", "recall", "f1")), evaluation["num_images"])
+                     for a in ("macro", "weighted") if a + "_avg" in evaluation],
+                    ["class", "precision", "recall", "f1", "images"])
     pairs = _table([(c["true"], c["pred"], c["count"]) for c in confused],
                    ["true class", "predicted as", "images"]) if confused else "<p>none</p>"
     return f"""<!DOCTYPE html>
@@ -115,6 +123,7 @@ th {{ background: #f0f0f0; }}
 <h1>cnnkit report</h1>
 <p>{html.escape(str(title))}</p>
 <h2>Results</h2>{_table(summary)}
+<h2>Precision, recall and F1 per class</h2>{scores}
 <h2>Most confused classes</h2>{pairs}
 {''.join(sections)}
 <h2>Settings</h2>{_table(keep, ["setting", "value"]) if keep else "<p>-</p>"}

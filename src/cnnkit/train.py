@@ -104,7 +104,8 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
         final = _loop(run, result, first_epoch, steps_done, run_dir, log, progress, board)
         if final is not None and dist.main:  # the pictures and report.html of the final model
             write_report(run_dir, evaluation=evaluation_record(
-                final.confusion, final.loss, ds.classes, ds.source, ds.val_name),
+                final.confusion, final.loss, ds.classes, ds.source, ds.val_name, final.probs,
+                ds.val.labels),
                 images=ds.val.images, labels=ds.val.labels, probs=final.probs,
                 metrics=result.metrics, settings=run.info.to_dict(),
                 model=load(run_dir / "last.pt"))
