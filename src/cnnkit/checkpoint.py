@@ -209,20 +209,32 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt" if (path / "best.pt").exists() else path / "last.pt"
+    return as_checkpoint(read_weights_file(path), path)
+
+
+def read_weights_file(path: str | Path):
+    """A .pt or .safetensors file's contents as saved, read without running any code."""
+    path = Path(path)
     if not path.exists():
         raise CnnkitError(f"no checkpoint at {path}; pass a run folder or a .pt file")
-    if path.suffix == ".safetensors":
-        ckpt = _read_safetensors(path)
-    else:
-        ckpt = _torch_load(path)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or \
-            not ("run" in ckpt or "model" in ckpt):
+    return _read_safetensors(path) if path.suffix == ".safetensors" else _torch_load(path)
+
+
+def is_checkpoint(raw) -> bool:
+    """Whether a file's contents are a cnnkit checkpoint (of any version), not a bare
+    state_dict."""
+    return isinstance(raw, dict) and "state_dict" in raw and ("run" in raw or "model" in raw)
+
+
+def as_checkpoint(raw, path: str | Path) -> dict:
+    """A file's contents as a checkpoint in the current format, or one clear error."""
+    if not is_checkpoint(raw):
         raise CnnkitError(f"{path} is not a cnnkit checkpoint (no model name and weights)")
-    if "run" not in ckpt:  # format 1
-        ckpt = {"format": 1, "run": RunInfo.from_dict(ckpt).to_dict(),
-                **{k: ckpt[k] for k in ("epoch", "metrics", "state_dict", "train_state")
-                   if k in ckpt}}
-    return ckpt
+    if "run" not in raw:  # format 1
+        raw = {"format": 1, "run": RunInfo.from_dict(raw).to_dict(),
+               **{k: raw[k] for k in ("epoch", "metrics", "state_dict", "train_state")
+                  if k in raw}}
+    return raw
 
 
 def _torch_load(path: Path):

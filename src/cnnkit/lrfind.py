@@ -30,8 +30,7 @@ def lr_range_test(model, data, step: TrainStep, *, batch_size: int, base_lr: flo
     exactly as they were. `step.scheduler` is replaced. Returns lrs, smoothed losses and a
     suggested lr (where the loss falls fastest)."""
     saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = copy.deepcopy(step.optimizer.state_dict())
-    saved_lrs = [g["lr"] for g in step.optimizer.param_groups]
+    saved_opt = copy.deepcopy(step.optimizer.state_dict())  # its groups' lrs too
 
     def lr_at(k: int) -> float:
         return start * (end / start) ** (k / max(steps - 1, 1))
@@ -65,8 +64,6 @@ def lr_range_test(model, data, step: TrainStep, *, batch_size: int, base_lr: flo
     finally:
         model.load_state_dict(saved_model)
         step.optimizer.load_state_dict(saved_opt)
-        for group, lr in zip(step.optimizer.param_groups, saved_lrs):
-            group["lr"] = lr
     return {"lrs": lrs, "losses": losses, "suggested_lr": _steepest(lrs, losses)}
 
 

@@ -84,11 +84,13 @@ def iter_predictions(lm: LoadedModel, items: list, *, top_k: int, runtime: Runti
     known = set(lm.classes)
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        pending = [pool.map(lambda it: _decode(it, lm), b) for b in batches[:1]]
+        def decode_all(batch):  # submitted at once; results come in order
+            return pool.map(lambda item: _decode(item, lm), batch)
+        upcoming = decode_all(batches[0]) if batches else None
         for i, batch in enumerate(batches):
-            decoded = list(pending.pop(0))
+            decoded = list(upcoming)
             if i + 1 < len(batches):
-                pending.append(pool.map(lambda it: _decode(it, lm), batches[i + 1]))
+                upcoming = decode_all(batches[i + 1])
             tensors = [x for x, _ in decoded if x is not None]
             top = predict_tensor(lm, torch.stack(tensors), runtime).topk(k, dim=1) \
                 if tensors else None

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 from . import distributed
-from .checkpoint import RunInfo, load_weights, model_description, read_checkpoint, read_run
+from .checkpoint import (RunInfo, as_checkpoint, is_checkpoint, load_weights, model_description,
+                         read_run, read_weights_file)
 from .config import Config, fill_recipe_defaults, parse_widths
 from .data import Dataset, check_source, expected_input, load_dataset
 from .device import Runtime, synchronize
@@ -62,13 +63,13 @@ def start_weights(model, cfg: Config, ds: Dataset) -> None:
         model.load_pretrained(entry.pretrained_state(), f"the pretrained weights of {cfg.model}")
     if not cfg.weights:
         return
-    if entry.pretrained_state is not None and not cfg.weights.endswith(".safetensors"):
-        raw = torch.load(cfg.weights, map_location="cpu", weights_only=True)
-        if isinstance(raw, dict) and "state_dict" not in raw and "run" not in raw:
-            model.load_pretrained(raw, cfg.weights)
-            return
-    load_weights(model, read_checkpoint(cfg.weights),
-                 model_description(cfg.model, len(ds.classes), ds.in_channels, ds.image_size), cfg.weights)
+    raw = read_weights_file(cfg.weights)  # read once, whichever form it holds
+    if entry.pretrained_state is not None and isinstance(raw, dict) and not is_checkpoint(raw):
+        model.load_pretrained(raw, cfg.weights)
+        return
+    load_weights(model, as_checkpoint(raw, cfg.weights),
+                 model_description(cfg.model, len(ds.classes), ds.in_channels, ds.image_size),
+                 cfg.weights)
 
 
 def prepare(cfg: Config, runtime: Runtime):
