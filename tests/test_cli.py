@@ -1,8 +1,10 @@
 """The command line: one end-to-end run in a real subprocess, and every error as one line."""
+import csv
 import dataclasses
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -25,8 +27,9 @@ def test_end_to_end_cli(tmp_path, png_sample):
     p = _cnnkit("train", "--data", png_sample, "--recipe", "tutorial", "--model", "seed-simple",
                 "--epochs", "2", "--batch-size", "16", "--out", run)
     assert p.returncode == 0, p.stderr
-    epoch_lines = [l for l in p.stdout.splitlines() if l.startswith("epoch")]
-    assert len(epoch_lines) == 2 and "val acc" in epoch_lines[0]
+    rows = [l.split() for l in p.stdout.splitlines() if re.match(r"\s*\d+/\d+ ", l)]
+    assert [r[0] for r in rows] == ["1/2", "2/2"]
+    assert "it/s" not in p.stderr and "batch/s" not in p.stderr  # no terminal: no bars
     assert {"config.json", "metrics.csv", "last.pt", "best.pt"} <= set(os.listdir(run))
 
     p = _cnnkit("eval", run, "--json")
@@ -91,6 +94,8 @@ CASES = {
     "bad val fraction": (["train", "--data", "digits", "--val-fraction", "1.5"],
                          "between 0 and 1"),
     "no gpu": (["train", "--data", "digits", "--device", "cuda"], "no CUDA"),
+    "fp16 on the cpu": (["train", "--data", "digits", "--device", "cpu", "--amp", "fp16"],
+                        "--amp fp16 is for CUDA GPUs"),
     "eval no run": (["eval", "{tmp}/nothing"], "no checkpoint"),
     "eval not a checkpoint": (["eval", "{notckpt}"], "not a readable checkpoint"),
     "predict no run": (["predict", "{tmp}/nothing", "x.png"], "no checkpoint"),
@@ -110,6 +115,8 @@ SETTINGS = {
     "image too small": (["--model", "seed-simple", "--image-size", "2"], "at least 4×4"),
     "missing weights": (["--weights", "nope.pt"], "no such file"),
     "width on a seed model": (["--model", "seed-cnn", "--width", "8"], "does not apply"),
+    "amp typo": (["--amp", "bf61"], "did you mean bf16?"),
+    "channels 2": (["--channels", "2"], "--channels"),
 }
 
 
@@ -196,3 +203,84 @@ def test_config_of_a_finished_run_repeats_it(png_run, tmp_path, monkeypatch, cap
     assert again["model"] == original.config.model and again["lr"] == original.config.lr
     assert again["data_source"] == original.data_source
     assert main(["train", "--config", str(tmp_path / "nope.json")]) == 2
+
+
+def test_epoch_table_has_a_header_and_one_row_per_epoch(tmp_path):
+    lines = []
+    cnnkit.train(data="digits", epochs=3, width="8,16,16", out=str(tmp_path / "r"),
+                 log=lines.append)
+    header = next(i for i, l in enumerate(lines) if l.split()[:1] == ["epoch"])
+    assert lines[header].split() == ["epoch", "train", "loss", "train", "acc", "val", "loss",
+                                     "val", "acc", "top-5", "lr", "time", "left"]
+    rows = [l.split() for l in lines[header + 1:header + 4]]
+    assert [r[0] for r in rows] == ["1/3", "2/3", "3/3"]
+    metrics = list(csv.DictReader(open(tmp_path / "r" / "metrics.csv")))
+    for row, saved in zip(rows, metrics):
+        train_loss, train_acc, val_loss, val_acc, top5, lr = map(float, row[1:7])
+        assert val_acc == pytest.approx(float(saved["val_acc"]), abs=1e-4)
+        assert lr == pytest.approx(float(saved["lr"]), rel=1e-2)
+        assert val_acc <= top5 <= 1 and top5 == pytest.approx(float(saved["val_top5"]),
+                                                               abs=1e-4)
+        assert row[7].endswith("s") and row[8].endswith("s")  # seconds, time left
+    assert rows[2][8] == "0.0s"  # nothing left after the last epoch
+    accs = [float(r[4]) for r in rows]
+    best_so_far = [a > max(accs[:i], default=-1) for i, a in enumerate(accs)]
+    assert [r[9:10] == ["*"] for r in rows] == best_so_far  # the mark on each new best
+
+
+def test_amp_bf16_trains_on_the_cpu_and_is_saved_with_the_run(tmp_path):
+    """bf16 autocast runs on any CPU (slowly where it is not native); fp16 with its
+    GradScaler is checked on CUDA (tests/test_cuda.py)."""
+    result = cnnkit.train(data="digits", epochs=1, width="8,16,16", amp="bf16",
+                          out=str(tmp_path / "r"), log=lambda s: None)
+    assert result.config.amp == "bf16" and 0 <= result.best_val_acc <= 1
+    assert cnnkit.load(tmp_path / "r").config.amp == "bf16"
+
+
+def test_train_help_is_grouped_with_choices_and_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    groups = [l.split(":")[0] for l in text.splitlines()[1:] if re.match(r"[a-z]+: [a-z]", l)
+              and not l.startswith("usage")]
+    assert groups == ["data", "model", "training", "augmentation", "evaluation", "output",
+                      "distributed"]
+    assert "--optimizer {sgd,adamw}" in text and "--amp {auto,bf16,fp16,off}" in text
+    assert "(default: None)" not in text and "default: the test split" in text
+    assert re.search(r"--momentum X +SGD momentum \(default: 0\.85\)", text)
+    examples = text.split("examples:")[1].strip().splitlines()
+    assert 4 <= len(examples) <= 6 and all(l.strip().startswith("cnnkit ") for l in examples)
+
+
+def test_each_verb_offers_only_the_flags_that_act_there(capsys):
+    with pytest.raises(SystemExit):
+        main(["lr-find", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--epochs", "--time-budget", "--sync-bn", "--tensorboard", "--patience"):
+        assert flag not in text
+    assert "--lr " in text and "--steps N" in text
+    with pytest.raises(SystemExit):
+        main(["lr-find", "--epochs", "3"])
+    assert "unrecognized arguments: --epochs" in capsys.readouterr().err
+
+
+def test_progress_bars_where_someone_watches(tmp_path, png_run, png_sample):
+    """At a terminal (forced here with CNNKIT_PROGRESS=1) training, decoding, evaluation
+    and predict draw bars on stderr; without one (CNNKIT_PROGRESS=0) they draw nothing."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    shown = subprocess.run([sys.executable, "-m", "cnnkit", "predict", png_run.run_dir,
+                            png_sample / "cat"], capture_output=True, text=True,
+                           env={**env, "CNNKIT_PROGRESS": "1"}, timeout=120)
+    assert shown.returncode == 0 and "predicting: " in shown.stderr and "/21 " in shown.stderr
+    hidden = subprocess.run([sys.executable, "-m", "cnnkit", "predict", png_run.run_dir,
+                             png_sample / "cat"], capture_output=True, text=True,
+                            env={**env, "CNNKIT_PROGRESS": "0"}, timeout=120)
+    assert hidden.returncode == 0 and hidden.stderr == "" and hidden.stdout == shown.stdout
+    p = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--data", png_sample,
+                        "--epochs", "1", "--width", "8,16,16", "--out", tmp_path / "r"],
+                       capture_output=True, text=True, env={**env, "CNNKIT_PROGRESS": "1"},
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    for bar in ("decoding cifar10-png-sample", "epoch 1/1", "loss=", "evaluating",
+                "drawing the report"):
+        assert bar in p.stderr, bar

@@ -2,11 +2,13 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
+import torch
 
 import cnnkit
 from cnnkit.cli import main
-from cnnkit.data import load_dataset
+from cnnkit.data import load_dataset, read_image
 from cnnkit.errors import CnnkitError
 
 
@@ -99,3 +101,37 @@ def test_a_missing_folder_is_named_not_called_an_unknown_data_set(tmp_path, monk
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"cnnkit: error: no such folder: imgs (looked in {tmp_path / 'imgs'})")
     assert "unknown data set" not in err and not (tmp_path / "runs").exists()
+
+
+def test_greyscale_folder_trains_and_predicts_with_one_channel(tmp_path, png_sample):
+    """--channels 1: images decode as greyscale (PIL's own luma), the model takes one
+    channel, and predict converts colour inputs to it."""
+    from PIL import Image
+    for c in ("cat", "dog"):
+        (tmp_path / "grey" / c).mkdir(parents=True)
+        for f in sorted((png_sample / c).glob("*.png"))[:12]:
+            Image.open(f).convert("L").save(tmp_path / "grey" / c / f.name)
+    ds = load_dataset(str(tmp_path / "grey"), channels=1)
+    assert ds.in_channels == 1 and ds.train.images.shape[1:] == (1, 32, 32)
+    assert load_dataset(str(png_sample), channels=1).in_channels == 1  # colour files
+    first = sorted((png_sample / "cat").glob("*.png"))[0]
+    luma = torch.from_numpy(np.array(Image.open(first).convert("L"))).float()
+    assert (read_image(first, 32, channels=1)[0].float() - luma).abs().max() <= 1
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "grey"), "--channels", "1", "--epochs",
+                 "1", "--width", "8,16,16", "--out", str(run)]) == 0
+    lm = cnnkit.load(run)
+    assert lm.in_channels == 1 and json.loads((run / "config.json").read_text())[
+        "channels"] == 1
+    results = cnnkit.predict(run, [first, tmp_path / "grey" / "cat"])  # RGB and grey files
+    assert len(results) == 13 and all(len(r["predictions"]) == 2 for r in results)
+
+
+def test_channels_convert_the_built_in_sets_both_ways():
+    from cnnkit.data import convert_channels
+    digits = load_dataset("digits")
+    assert digits.in_channels == 1
+    rgb = load_dataset("digits", channels=3)
+    assert rgb.in_channels == 3 and torch.equal(rgb.val.images[:, 1], digits.val.images[:, 0])
+    assert torch.equal(convert_channels(rgb.val.images, 1), digits.val.images)  # grey in, grey out

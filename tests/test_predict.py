@@ -2,6 +2,7 @@ import csv
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -78,6 +79,13 @@ def test_predict_a_folder_tree_to_csv_agrees_with_eval(png_run, png_sample, tmp_
     assert "--recursive" in capsys.readouterr().err
     # --csv never overwrites
     assert main(["predict", str(png_run.run_dir), str(png_sample), "--csv", str(out)]) == 2
+    # the same table as a pandas DataFrame
+    frame = cnnkit.predict(png_run.run_dir, [png_sample], recursive=True, top_k=2,
+                           as_frame=True)
+    assert list(frame.columns) == list(rows[0]) and len(frame) == 200
+    assert list(frame["predicted"]) == [r["predicted"] for r in rows]
+    assert frame["probability"].tolist() == pytest.approx(
+        [float(r["probability"]) for r in rows], abs=1e-5)
 
 
 def test_predict_a_glob_and_a_folder_with_a_broken_file(png_run, png_sample, tmp_path, capsys):

@@ -24,9 +24,9 @@ def _metrics_without_times(run):
     return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
 
 
-def _interrupt_after(epoch):
+def _interrupt_after(epoch, epochs):
     def log(line):
-        if line.startswith(f"epoch {epoch:>3}"):
+        if line.split()[:1] == [f"{epoch + 1}/{epochs}"]:  # its row of the epoch table
             raise KeyboardInterrupt
     return log
 
@@ -38,7 +38,8 @@ def _interrupt_after(epoch):
 def test_interrupted_and_resumed_run_equals_the_run_left_alone(tmp_path, settings):
     whole = cnnkit.train(out=str(tmp_path / "whole"), log=lambda s: None, **settings)
     with pytest.raises(Interrupted, match="resume with: cnnkit train --resume"):
-        cnnkit.train(out=str(tmp_path / "cut"), log=_interrupt_after(1), **settings)
+        cnnkit.train(out=str(tmp_path / "cut"), log=_interrupt_after(1, settings["epochs"]),
+                     **settings)
     assert len(_metrics_without_times(tmp_path / "cut")) == 2
     resumed = cnnkit.train(resume=tmp_path / "cut", log=lambda s: None)
     assert resumed.run_dir == tmp_path / "cut"

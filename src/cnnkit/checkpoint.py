@@ -100,7 +100,8 @@ class RunInfo:
                               "--data PATH")
         return load_dataset(source, data_dir=cfg.data_dir, image_size=self.input_size[0],
                             val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict,
-                            max_memory=cfg.max_memory, stream=True if cfg.stream else None)
+                            max_memory=cfg.max_memory, stream=True if cfg.stream else None,
+                            channels=self.in_channels)
 
 
 def model_description(model: str, classes: int, in_channels: int, image_size) -> str:
@@ -159,18 +160,22 @@ def save_safetensors(path: Path, ckpt: dict) -> None:
 
 
 def training_state(model, optimizer, scheduler, ema, generator, device: torch.device,
-                   steps_done: int, total_steps: int, history: list[dict]) -> dict:
+                   steps_done: int, total_steps: int, history: list[dict], scaler=None
+                   ) -> dict:
     """Everything --resume needs to continue exactly where the run stopped."""
     return {"model": cpu_state(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "ema": cpu_state(ema) if ema else None,
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
             "steps_done": steps_done, "total_steps": total_steps, "history": history}
 
 
 def restore_training_state(state: dict, model, optimizer, scheduler, ema, generator,
-                           device: torch.device) -> int:
+                           device: torch.device, scaler=None) -> int:
     """Put a run back as `training_state` found it; returns the steps done."""
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

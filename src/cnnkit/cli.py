@@ -4,33 +4,100 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import signal
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
 from .version import __version__
-from .config import DEFAULT_RECIPE, RECIPES, Config, make_config, settings_from_file
+from .config import (DEFAULT_RECIPE, GROUPS, RECIPES, Config, make_config,
+                     settings_from_file)
 from .distributed import from_env, quiet_unless_main
 from .errors import CnnkitError, Interrupted, SettingsError, one_line_warnings
 
 
-def _config_flags(parser: argparse.ArgumentParser, skip=()) -> None:
-    """One flag per Config field. Defaults are None so only what the user typed overrides
-    the recipe; the help shows the dataclass default."""
+def _config_flags(parser: argparse.ArgumentParser, skip=()) -> dict[str, argparse._ArgumentGroup]:
+    """One flag per Config field, in the Config's groups; returns the groups, so a verb can
+    add its own flags to them. Defaults are None so only what the user typed overrides the
+    recipe; the help shows the dataclass default where its text does not say it already."""
+    groups = {name: parser.add_argument_group(f"{name}: {title}") for name, title in GROUPS.items()}
     for f in dataclasses.fields(Config):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f"{f.metadata['help']} (default: {f.default})"
+        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.default not in (None, False) and "default" not in help_:
+            help_ += f" (default: {'on' if f.default is True else f.default})"
+        group = groups[f.metadata["group"]]
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_)
         else:
             kind = {"int": int, "float": float, "int | None": int,
                     "float | None": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=None, help=help_,
-                                metavar=f.name.upper())
+            # Choices are shown, not enforced here: make_config's check says "did you mean"
+            # in one line, where argparse would print its usage too.
+            choices = f.metadata.get("choices")
+            group.add_argument(flag, type=kind, default=None, help=help_, metavar=(
+                "{" + ",".join(map(str, choices)) + "}" if choices else
+                f.metadata.get("metavar", _METAVARS.get(kind, "TEXT"))))
+    return groups
+
+
+_METAVARS = {int: "N", float: "X"}
+DEVICE_HELP = "auto (default: CUDA if present), cpu, cuda or cuda:N"
+
+# Example commands shown under each verb's --help.
+EXAMPLES = {
+    "train": """\
+  cnnkit train --data cifar10                       the default (fast) recipe
+  cnnkit train --data photos/ --image-size 96       your folders: photos/<class>/*.jpg
+  cnnkit train --data photos/ --model tv:resnet18 --pretrained   transfer learning
+  cnnkit train --recipe tutorial                    the PyTorch tutorial, exactly
+  cnnkit train --config runs/cifar10-fastnet/config.json        repeat a run
+  cnnkit train --resume runs/cifar10-fastnet        continue an interrupted run""",
+    "demo": """\
+  cnnkit demo                     CIFAR-10 (downloaded once), or digits offline
+  cnnkit demo --data digits       scikit-learn's bundled digits: works offline
+  cnnkit demo --data photos/ --epochs 5
+  cnnkit demo --data mnist --model resnet9""",
+    "eval": """\
+  cnnkit eval runs/cifar10-fastnet                  the run's own validation/test split
+  cnnkit eval runs/cifar10-fastnet --split train    how well it fits its training images
+  cnnkit eval runs/photos-fastnet --data new-photos/ --out report/
+  cnnkit eval runs/cifar10-fastnet/best.pt --json""",
+    "predict": """\
+  cnnkit predict runs/photos-fastnet cat.jpg dog.png
+  cnnkit predict runs/photos-fastnet photos/ --recursive --csv predictions.csv
+  cnnkit predict runs/photos-fastnet 'photos/*.jpg' --top-k 5
+  cnnkit predict model.onnx photos/ --json""",
+    "lr-find": """\
+  cnnkit lr-find --data cifar10                     the default recipe's model and data
+  cnnkit lr-find --data photos/ --model tv:resnet18 --pretrained --out lr.png
+  cnnkit lr-find --data cifar10 --optimizer adamw --steps 200
+  cnnkit lr-find --data mnist --recipe tutorial""",
+    "export": """\
+  cnnkit export runs/cifar10-fastnet --out model.onnx
+  cnnkit export runs/cifar10-fastnet --format torchscript --out model.pt
+  cnnkit export runs/cifar10-fastnet --format safetensors --out model.safetensors
+  cnnkit predict model.onnx cat.jpg                 use the export""",
+    "serve": """\
+  cnnkit serve runs/cifar10-fastnet                 http://127.0.0.1:8000
+  cnnkit serve model.onnx --port 8080
+  cnnkit serve runs/cifar10-fastnet --host 0.0.0.0  other machines too
+  curl -F files=@cat.jpg http://127.0.0.1:8000/predict""",
+}
+
+
+def _verb(sub, name: str, help: str, description: str | None = None):
+    """A subcommand whose --help ends with example commands."""
+    examples = EXAMPLES.get(name)
+    description = textwrap.fill(description or f"{help[0].upper()}{help[1:]}.",
+                                shutil.get_terminal_size().columns - 2)
+    return sub.add_parser(name, help=help, description=description,
+                          epilog=f"examples:\n{examples}" if examples else None,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,40 +106,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cnnkit {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a model; prints accuracy per epoch")
+    t = _verb(sub, "train", "train a model; prints a table row per epoch",
+              "Train a model and save the run in a folder (config.json, metrics.csv, "
+              "last.pt, best.pt, report.html). Any flag overrides the recipe's setting.")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
                    "completed epoch, with its own settings (and any number of processes)")
     t.add_argument("--config", metavar="FILE", help="take settings from a JSON file: a run's "
                    "config.json repeats that run (same seed, same data); flags typed here win")
-    t.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this "
-                   "machine (DDP: one per GPU, or sharing the CPU cores); --batch-size stays "
-                   "the global batch. Same as torchrun --nproc-per-node N -m cnnkit train")
-    _config_flags(t)
+    groups = _config_flags(t)
+    groups["distributed"].add_argument(
+        "--nproc", type=int, metavar="N", help="train with N processes on this machine (DDP: "
+        "one per GPU, or sharing the CPU cores); --batch-size stays the global batch. Same "
+        "as torchrun --nproc-per-node N -m cnnkit train")
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("demo", help="train the default recipe and evaluate it (offline: digits)")
+    d = _verb(sub, "demo", "train the default recipe and evaluate it (offline: digits)")
     _config_flags(d)
     d.set_defaults(func=cmd_demo)
 
-    e = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix")
+    e = _verb(sub, "eval", "accuracy, top-5, per-class precision, recall and F1, and the "
+              "confusion matrix")
     e.add_argument("run", help="a run folder or checkpoint file")
     e.add_argument("--data", help="data source to evaluate on (default: the run's own data)")
     e.add_argument("--split", choices=["train", "val", "test", "all"],
                    help="which images: the test split by default when the data has one, "
                    "else the validation split (the run's own, for its own data); all = every "
                    "image once, training images included")
-    e.add_argument("--data-dir", help="download cache for --data")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--data-dir", metavar="DIR", help="download cache for --data")
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
+    e.add_argument("--batch-size", type=int, default=500, metavar="N",
+                   help="images per forward pass (default 500)")
     e.add_argument("--tta", type=int, choices=[0, 1, 2],
                    help="test-time augmentation level (default: the run's)")
     e.add_argument("--json", action="store_true", help="print JSON")
-    e.add_argument("--out", help="also draw the confusion matrix, per-class accuracy, top "
+    e.add_argument("--out", metavar="DIR", help="also draw the confusion matrix, per-class accuracy, top "
                    "losses and report.html into this folder")
     e.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("predict", help="top classes with probabilities for images: files, "
-                        "folders or glob patterns")
+    pr = _verb(sub, "predict", "top classes with probabilities for images: files, folders "
+               "or glob patterns")
     pr.add_argument("run", help="a run folder, checkpoint, or exported .onnx file")
     pr.add_argument("images", nargs="+", metavar="PATH",
                     help="image files, folders of images, or glob patterns ('photos/*.jpg')")
@@ -80,9 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also read the images in the folders' subfolders")
     pr.add_argument("--csv", metavar="FILE", help="write one row per image to FILE as it is "
                     "done (predicted class, probabilities, true label from the folder name)")
-    pr.add_argument("--top-k", type=int, default=3)
-    pr.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    pr.add_argument("--device", default="auto")
+    pr.add_argument("--top-k", type=int, default=3, metavar="K",
+                    help="how many classes to give per image (default 3)")
+    pr.add_argument("--batch-size", type=int, default=64, metavar="N",
+                    help="images per forward pass (default 64)")
+    pr.add_argument("--device", default="auto", help=DEVICE_HELP)
     pr.add_argument("--json", action="store_true", help="print JSON")
     pr.set_defaults(func=cmd_predict)
 
@@ -102,11 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"override the recipe's --{flag}")
     sb.set_defaults(func=cmd_show_batch)
 
-    lf = sub.add_parser("lr-find", help="learning-rate range test: plot loss against lr and "
-                        "suggest an lr")
-    _config_flags(lf, skip=("out",))
+    lf = _verb(sub, "lr-find", "learning-rate range test: plot loss against lr and suggest "
+               "an lr")
+    # A range test trains ~100 steps of a throw-away copy: no epochs, run folder or evaluation.
+    _config_flags(lf, skip=("out", "epochs", "time_budget", "patience", "tensorboard",
+                            "sync_bn", "dist_timeout", "tta", "eval_batch_size"))
     lf.add_argument("--out", default="lr-find.png", help="the plot (default lr-find.png)")
-    lf.add_argument("--steps", type=int, default=100)
+    lf.add_argument("--steps", type=int, default=100, metavar="N",
+                    help="most steps of the test; it stops early once the loss diverges "
+                    "(default 100)")
     lf.set_defaults(func=cmd_lr_find)
 
     rs = sub.add_parser("runs", help="a table of the runs in a folder")
@@ -114,11 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--json", action="store_true")
     rs.set_defaults(func=cmd_runs)
 
-    sv = sub.add_parser("serve", help="an HTTP API and a web page for a trained model")
+    sv = _verb(sub, "serve", "an HTTP API and a web page for a trained model")
     sv.add_argument("model", metavar="RUN_OR_EXPORT")
     sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-upload-mb", type=float, default=10.0)
+    sv.add_argument("--port", type=int, default=8000, help="default 8000")
+    sv.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB",
+                    help="largest image accepted (default 10)")
+    sv.add_argument("--device", default="auto", help=DEVICE_HELP)
     sv.set_defaults(func=cmd_serve)
 
     su = sub.add_parser("summary", help="per-layer output shapes, parameters and FLOPs")
@@ -162,11 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list the named recipes and their settings")
     r.set_defaults(func=cmd_recipes)
 
-    x = sub.add_parser("export", help="write a run's weights in another format")
+    x = _verb(sub, "export", "write a run's weights in another format")
     x.add_argument("run", help="a run folder or checkpoint file")
-    x.add_argument("--format", default="onnx", help="onnx (default), torchscript or "
-                   "safetensors; onnx and torchscript take uint8 pixels, include "
-                   "normalization and carry the class names")
+    x.add_argument("--format", default="onnx", metavar="{onnx,torchscript,safetensors}",
+                   help="onnx (default) and torchscript take uint8 pixels, include "
+                   "normalization and carry the class names; safetensors is the weights")
     x.add_argument("--out", required=True, help="the file to write (never overwritten)")
     x.set_defaults(func=cmd_export)
     return p
@@ -269,7 +349,8 @@ def cmd_runs(args) -> int:
 
 def cmd_serve(args) -> int:
     from .serve import serve
-    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+          device=args.device)
     return 0
 
 

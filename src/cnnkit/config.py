@@ -14,91 +14,124 @@ from .errors import SettingsError, unknown_choice
 from .models import model_entry
 
 
-def _f(default: Any, help: str, **kw) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+def _f(default: Any, help: str, group: str, **kw) -> Any:
+    """A setting: its default, its help, its group of `--help` (one of GROUPS), and any
+    choices."""
+    return field(default=default, metadata={"help": help, "group": group, **kw})
+
+
+# The groups of `cnnkit train --help`, in order.
+GROUPS = {"data": "what to train on", "model": "the model and where its weights start",
+          "training": "optimization and schedule (defaults are the fast recipe's: "
+                      "--recipe changes them, see `cnnkit recipes`)",
+          "augmentation": "the input pipeline", "evaluation": "during training and after",
+          "output": "the run folder", "distributed": "several processes (torchrun / --nproc)"}
 
 
 @dataclass
 class Config:
     # --- what to train on -------------------------------------------------------
     data: str = _f("cifar10", "cifar10, cifar100, mnist, fashion-mnist, digits, or a PATH "
-                   "(cifar-10-batches-py / cifar-100-python folder, or an image folder)")
-    data_dir: str | None = _f(None, "download cache (default $CNNKIT_DATA or ~/.cache/cnnkit)")
+                   "(cifar-10-batches-py / cifar-100-python folder, or an image folder)",
+                   group="data", metavar="NAME_OR_PATH")
+    data_dir: str | None = _f(None, "download cache (default $CNNKIT_DATA or ~/.cache/cnnkit)",
+                              group="data", metavar="DIR")
     image_size: int | None = _f(None, "resize images to SIZE×SIZE (default: the data set's "
-                                "own size; 32 for image folders)")
+                                "own size; 32 for image folders)", group="data")
     val_fraction: float | None = _f(None, "hold out this fraction of train for validation "
-                                    "(default: the test split if there is one, else 0.2)")
-    strict: bool = _f(False, "unreadable images in a folder are an error, not a warning")
+                                    "(default: the test split if there is one, else 0.2)",
+                                    group="data")
+    channels: int | None = _f(None, "1 (greyscale) or 3 (RGB): convert every image to it "
+                              "(default: RGB for image folders and CSVs, a built-in data "
+                              "set's own)", choices=[1, 3], group="data")
+    strict: bool = _f(False, "unreadable images in a folder are an error, not a warning",
+                      group="data")
     stream: bool = _f(False, "decode image files in DataLoader workers during training "
-                      "instead of holding them decoded in memory")
+                      "instead of holding them decoded in memory", group="data")
     max_memory: float | None = _f(None, "GB of decoded images to hold in memory; beyond it "
-                                  "image files are streamed (default: a quarter of RAM)")
+                                  "image files are streamed (default: a quarter of RAM)",
+                                  group="data")
     # --- the model --------------------------------------------------------------
-    model: str = _f("fastnet", "model name (see `cnnkit models`)")
+    model: str = _f("fastnet", "model name (see `cnnkit models`)", group="model",
+                   metavar="NAME")
     width: str | None = _f(None, "layer widths, comma-separated (fastnet: 3 block widths, "
-                           "resnet9: 4, resnet18: 1 base width); default: the model's own")
+                           "resnet9: 4, resnet18: 1 base width); default: the model's own",
+                           group="model", metavar="W,W,...")
     weights: str | None = _f(None, "start from these weights: a cnnkit checkpoint (.pt) or "
-                             ".safetensors file for the same model and classes")
+                             ".safetensors file for the same model and classes", group="model",
+                             metavar="FILE")
     pretrained: bool = _f(False, "tv: models: start from torchvision's ImageNet weights "
-                          "(downloaded once; image size and normalization follow them)")
+                          "(downloaded once; image size and normalization follow them)",
+                          group="model")
     freeze_epochs: int = _f(0, "tv: models: train only the new head for this many epochs, "
-                            "backbone and its BatchNorm statistics frozen")
+                            "backbone and its BatchNorm statistics frozen", group="model")
     backbone_lr_mult: float = _f(0.1, "lr multiplier of a pretrained or once-frozen "
-                                 "backbone")
-    balance: bool = _f(False, "weight the loss by inverse class frequency")
+                                 "backbone", group="training")
+    balance: bool = _f(False, "weight the loss by inverse class frequency", group="training")
     # --- optimisation -----------------------------------------------------------
     epochs: int | None = _f(None, "passes over the training set (default: the recipe's, "
-                            "scaled to the data set's size)")
+                            "scaled to the data set's size)", group="training")
     time_budget: float | None = _f(None, "fit the schedule to this many seconds of training, "
-                                   "planned from a measured step time")
+                                   "planned from a measured step time", group="training")
     batch_size: int | None = _f(None, "images per optimizer step, over all processes under "
                                 "DDP (default: the recipe's; fast: 128 on the CPU, measured "
-                                "fastest per image there, 1024 on a GPU)")
-    optimizer: str = _f("sgd", "sgd or adamw", choices=["sgd", "adamw"])
+                                "fastest per image there, 1024 on a GPU)", group="training")
+    optimizer: str = _f("sgd", "sgd or adamw", choices=["sgd", "adamw"], group="training")
     lr: float | None = _f(None, "peak learning rate of the mean batch loss (default: SGD "
-                          "0.2 × batch/128, AdamW 0.002)")
-    momentum: float = _f(0.85, "SGD momentum")
-    nesterov: bool = _f(True, "use Nesterov momentum with SGD")
+                          "0.2 × batch/128, AdamW 0.002)", group="training")
+    momentum: float = _f(0.85, "SGD momentum", group="training")
+    nesterov: bool = _f(True, "use Nesterov momentum with SGD", group="training")
     weight_decay: float = _f(1.3e-3, "weight decay of conv and linear weights (not biases, "
-                             "not norms)")
-    norm_bias_lr_mult: float = _f(64.0, "lr multiplier for BatchNorm biases")
+                             "not norms)", group="training")
+    norm_bias_lr_mult: float = _f(64.0, "lr multiplier for BatchNorm biases", group="training")
     whiten_bias_epochs: int = _f(3, "epochs during which the whitening conv's bias trains "
-                                 "(fastnet), then it is frozen")
+                                 "(fastnet), then it is frozen", group="training")
     schedule: str = _f("linear", "lr schedule, stepped per batch: constant, onecycle "
                        "(warm-up, cosine to 0), linear (warm-up, linear decay to --lr-floor)",
-                       choices=["constant", "onecycle", "linear"])
-    warmup: float = _f(0.23, "fraction of steps spent warming up (onecycle, linear)")
-    lr_floor: float = _f(0.07, "final lr of the linear schedule, as a fraction of the peak")
-    label_smoothing: float = _f(0.2, "cross-entropy label smoothing")
+                       choices=["constant", "onecycle", "linear"], group="training")
+    warmup: float = _f(0.23, "fraction of steps spent warming up (onecycle, linear)",
+                       group="training")
+    lr_floor: float = _f(0.07, "final lr of the linear schedule, as a fraction of the peak",
+                         group="training")
+    label_smoothing: float = _f(0.2, "cross-entropy label smoothing", group="training")
     ema: float = _f(0.0, "decay of an exponential moving average of the weights, updated "
-                    "every 5 steps and used for evaluation (0: off)")
+                    "every 5 steps and used for evaluation (0: off)", group="training")
     patience: int | None = _f(None, "stop when val accuracy has not improved for N epochs "
                               "(off by default: the recipes decay the lr over a fixed number "
-                              "of steps, and stopping early cuts that decay short)")
+                              "of steps, and stopping early cuts that decay short)",
+                              group="training")
     # --- input pipeline ---------------------------------------------------------
     normalize: bool = _f(True, "subtract the training set's per-channel mean and divide by "
-                         "its std (off: pixels scaled to [0, 1] only)")
+                         "its std (off: pixels scaled to [0, 1] only)", group="augmentation")
     flip: str = _f("alternate", "horizontal flip augmentation: none, random, alternate "
                    "(each image flipped every other epoch)",
-                   choices=["none", "random", "alternate"])
-    translate: int = _f(2, "random translation by up to PX pixels (reflect padding)")
-    cutout: int = _f(0, "cut out a random PX×PX square from each image (0: off)")
+                   choices=["none", "random", "alternate"], group="augmentation")
+    translate: int = _f(2, "random translation by up to PX pixels (reflect padding)",
+                        group="augmentation")
+    cutout: int = _f(0, "cut out a random PX×PX square from each image (0: off)",
+                     group="augmentation")
     tta: int = _f(2, "test-time augmentation when evaluating: 0 none, 1 flip, "
-                  "2 flip and 1-pixel translations", choices=[0, 1, 2])
-    compile: bool = _f(False, "torch.compile the model (CUDA)")
+                  "2 flip and 1-pixel translations", choices=[0, 1, 2], group="evaluation")
+    compile: bool = _f(False, "torch.compile the model (CUDA)", group="training")
+    amp: str = _f("auto", "mixed precision: auto is bf16 on GPUs that have it, fp16 with "
+                  "loss scaling on older ones (T4, V100), float32 on the CPU; off is float32",
+                  choices=["auto", "bf16", "fp16", "off"], group="training")
     # --- several processes (torchrun / --nproc) -----------------------------------
     sync_bn: bool = _f(False, "DDP on GPUs: BatchNorm statistics over the whole global batch "
-                       "(SyncBatchNorm) instead of each process's share")
+                       "(SyncBatchNorm) instead of each process's share", group="distributed")
     dist_timeout: float = _f(300.0, "DDP: seconds a process waits for the others before the "
-                             "job fails (a dead or hung machine)")
+                             "job fails (a dead or hung machine)", group="distributed")
     # --- bookkeeping ------------------------------------------------------------
-    seed: int = _f(0, "random seed; on the CPU the same seed gives the same run")
-    device: str = _f("auto", "auto, cpu, cuda, cuda:N")
-    eval_batch_size: int = _f(500, "images per batch when evaluating")
+    seed: int = _f(0, "random seed; on the CPU the same seed gives the same run",
+                   group="training")
+    device: str = _f("auto", "auto, cpu, cuda, cuda:N", group="training", metavar="DEVICE")
+    eval_batch_size: int = _f(500, "images per batch when evaluating", group="evaluation")
     tensorboard: bool = _f(False, "also write TensorBoard logs into the run folder "
-                           "(needs the tensorboard package)")
-    out: str | None = _f(None, "run folder (default runs/<data>-<model>[-N]); never overwritten")
-    recipe: str = _f("fast", "named set of defaults (see `cnnkit recipes`)")
+                           "(needs the tensorboard package)", group="output")
+    out: str | None = _f(None, "run folder (default runs/<data>-<model>[-N]); never overwritten",
+                         group="output", metavar="DIR")
+    recipe: str = _f("fast", "named set of defaults (see `cnnkit recipes`; default: fast, or "
+                     "finetune for tv: models)", group="training", metavar="NAME")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -203,7 +236,7 @@ def validate(cfg: Config) -> None:
         raise SettingsError(f"--image-size must be positive, got {cfg.image_size}")
     for f in dataclasses.fields(Config):
         choices = f.metadata.get("choices")
-        if choices and getattr(cfg, f.name) not in choices:
+        if choices and getattr(cfg, f.name) is not None and getattr(cfg, f.name) not in choices:
             raise unknown_choice(f"--{f.name.replace('_', '-')}", getattr(cfg, f.name), choices)
 
 

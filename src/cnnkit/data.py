@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import CnnkitError, CnnkitWarning, DownloadError, SettingsError
+from .progress import bar
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tiff", ".tif")
 DOWNLOADABLE = ("cifar10", "cifar100", "mnist", "fashion-mnist")
@@ -143,10 +144,13 @@ def default_data_dir() -> Path:
 
 def load_dataset(source: str, *, data_dir: str | None = None, image_size: int | None = None,
                  val_fraction: float | None = None, seed: int = 0, strict: bool = False,
-                 stream: bool | None = False, max_memory: float | None = None) -> Dataset:
+                 stream: bool | None = False, max_memory: float | None = None,
+                 channels: int | None = None) -> Dataset:
     """Load a data source by name or path; see the module docstring for what is accepted.
     Image files are decoded into memory, or, with `stream` (or `stream=None` and more decoded
-    bytes than `max_memory` GB, default a quarter of RAM), streamed from disk in training."""
+    bytes than `max_memory` GB, default a quarter of RAM), streamed from disk in training.
+    `channels` (1 or 3) converts every image to greyscale or RGB; by default image files
+    are RGB and the built-in sets keep their own."""
     key = source.lower()
     if key in DOWNLOADABLE:
         name, classes, train, test = _download(key, Path(data_dir) if data_dir else
@@ -162,18 +166,19 @@ def load_dataset(source: str, *, data_dir: str | None = None, image_size: int | 
         name = path.stem
         if path.is_file() or (path / "train").is_dir():
             return _file_dataset(path, image_size or DEFAULT_FOLDER_SIZE, strict, val_fraction,
-                                 seed, stream, max_memory)
+                                 seed, stream, max_memory, channels or 3)
         if (path / "data_batch_1").exists():
             classes, train, test = _local_cifar10(path)
         elif (path / "train").is_file() and (path / "meta").is_file():
             classes, train, test = _local_cifar100(path)
         else:
             return _file_dataset(path, image_size or DEFAULT_FOLDER_SIZE, strict, val_fraction,
-                                 seed, stream, max_memory)
-    if image_size is not None:
-        train = Split(resize_images(train.images, image_size), train.labels)
-        if test is not None:
-            test = Split(resize_images(test.images, image_size), test.labels)
+                                 seed, stream, max_memory, channels or 3)
+
+    def adapt(split: Split) -> Split:
+        images = convert_channels(split.images, channels) if channels else split.images
+        return Split(resize_images(images, image_size) if image_size else images, split.labels)
+    train, test = adapt(train), (adapt(test) if test is not None else None)
     if test is not None and val_fraction is None:
         return Dataset(name, src, classes, train, test, "test")
     train_idx, val_idx = stratified_split(train.labels, val_fraction or DEFAULT_VAL_FRACTION,
@@ -213,10 +218,11 @@ def check_source(source: str) -> Path | None:
     return path
 
 
-def expected_input(source: str, image_size: int | None) -> tuple[int, int]:
+def expected_input(source: str, image_size: int | None, channels: int | None = None
+                   ) -> tuple[int, int]:
     """(channels, size) the source will have, known without loading it."""
-    channels, size = NATIVE_INPUT.get(source.lower(), (3, DEFAULT_FOLDER_SIZE))
-    return channels, image_size or size
+    native, size = NATIVE_INPUT.get(source.lower(), (3, DEFAULT_FOLDER_SIZE))
+    return channels or native, image_size or size
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
@@ -236,6 +242,18 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
         raise CnnkitError(f"cannot hold out {fraction:g} of {len(y)} images for "
                           f"validation: {e}") from None
     return np.sort(train_idx), np.sort(val_idx)
+
+
+def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """A uint8 batch as greyscale (ITU-R 601 luma, as PIL's "L") or RGB (grey repeated)."""
+    if images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    out = [(chunk.float() * weights).sum(1, keepdim=True).round_().clamp_(0, 255)
+           .to(torch.uint8) for chunk in images.split(4096)]
+    return torch.cat(out)
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -338,17 +356,18 @@ def _csv_listing(path: Path):
     return classes, files, [classes.index(r[1].strip()) for r in rows]
 
 
-def _decode_all(files, labels, size, strict: bool, where) -> Split:
+def _decode_all(files, labels, size, strict: bool, where, channels: int = 3) -> Split:
     def decode(path):
         try:
             if path.is_dir():
                 raise IsADirectoryError("a directory, not an image")
-            return read_image(path, size)
+            return read_image(path, size, channels)
         except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             return f"{path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        decoded = list(pool.map(decode, files))
+        decoded = list(bar(pool.map(decode, files), total=len(files), unit="img",
+                           desc=f"decoding {Path(where).name}"))
     keep = _report_unreadable([d if isinstance(d, str) else None for d in decoded], strict,
                               where)
     return Split(torch.stack([decoded[i] for i in keep]),
@@ -390,7 +409,7 @@ def memory_budget() -> float:
 
 
 def _file_dataset(path: Path, size: int, strict: bool, val_fraction, seed, stream,
-                  max_memory) -> Dataset:
+                  max_memory, channels: int = 3) -> Dataset:
     """An image folder (class subfolders), a CSV, or a folder with train/ and any of val/
     and test/ (Ultralytics' classify layout): train/ trains, val/ validates, test/ is kept
     for `cnnkit eval --split test`; test/ alone doubles as validation."""
@@ -407,7 +426,7 @@ def _file_dataset(path: Path, size: int, strict: bool, val_fraction, seed, strea
         classes, files, labels = _class_folder(path)
         parts = {"train": (files, labels)}
     size = (size, size)
-    total = sum(len(f) for f, _ in parts.values()) * 3 * size[0] * size[1]
+    total = sum(len(f) for f, _ in parts.values()) * channels * size[0] * size[1]
     budget = (max_memory * 1e9) if max_memory else memory_budget()
     streaming = stream if stream is not None else total > budget
     notes = []
@@ -419,11 +438,11 @@ def _file_dataset(path: Path, size: int, strict: bool, val_fraction, seed, strea
     if streaming:
         keep = _report_unreadable([_check_readable(f) for f in train_files], strict, path)
         train = StreamSplit([train_files[i] for i in keep],
-                            torch.tensor([train_labels[i] for i in keep]), size)
+                            torch.tensor([train_labels[i] for i in keep]), size, channels)
     else:
-        train = _decode_all(train_files, train_labels, size, strict, path)
+        train = _decode_all(train_files, train_labels, size, strict, path, channels)
     # Held-out splits are held in memory: they are evaluated and drawn on.
-    held = {k: _decode_all(*parts[k], size, strict, path / k) for k in ("val", "test")
+    held = {k: _decode_all(*parts[k], size, strict, path / k, channels) for k in ("val", "test")
             if k in parts}
     src = str(path.resolve())
     if val_fraction is None and held:

@@ -18,11 +18,23 @@ class Runtime:
     def autocast(self) -> bool:
         return self.dtype != torch.float32
 
+    def grad_scaler(self) -> "torch.amp.GradScaler | None":
+        """fp16 gradients underflow unless the loss is scaled up first; bf16's do not."""
+        return torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
 
-def select_runtime(name: str = "auto", local_rank: int | None = None) -> Runtime:
-    """auto: CUDA if present, else the CPU. CUDA computes in bf16 autocast; the CPU in
-    float32 (this class of CPU has no native bf16). channels_last is faster for convs on both.
-    Under DDP (`local_rank` given) each process on a machine takes its own GPU."""
+
+AMP = ("auto", "bf16", "fp16", "off")
+
+
+def select_runtime(name: str = "auto", local_rank: int | None = None, amp: str = "auto"
+                   ) -> Runtime:
+    """auto: CUDA if present, else the CPU. channels_last is faster for convs on both.
+    `amp` picks the autocast dtype: auto is bf16 on a GPU that has it, fp16 (with a
+    GradScaler in training) on one that does not (T4, V100), float32 on the CPU (this class
+    of CPU has no native bf16). Under DDP (`local_rank` given) each process on a machine
+    takes its own GPU."""
+    if amp not in AMP:
+        raise SettingsError(f"unknown --amp {amp!r}; use one of {', '.join(AMP)}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and local_rank is not None and torch.cuda.is_available():
@@ -35,10 +47,20 @@ def select_runtime(name: str = "auto", local_rank: int | None = None) -> Runtime
         if not torch.cuda.is_available():
             raise SettingsError("--device cuda was asked for but no CUDA GPU is available; "
                               "use --device cpu")
-        return Runtime(device, torch.bfloat16, torch.channels_last)
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        if amp == "bf16" and not bf16:
+            raise SettingsError(f"{torch.cuda.get_device_name(device)} has no native bf16; "
+                                "use --amp fp16 (or auto)")
+        dtype = {"auto": torch.bfloat16 if bf16 else torch.float16, "bf16": torch.bfloat16,
+                 "fp16": torch.float16, "off": torch.float32}[amp]
+        return Runtime(device, dtype, torch.channels_last)
     if device.type != "cpu":
         raise SettingsError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return Runtime(device, torch.float32, torch.channels_last)
+    if amp == "fp16":
+        raise SettingsError("--amp fp16 is for CUDA GPUs; on the CPU use --amp bf16 "
+                            "(fast only on CPUs with native bf16) or off")
+    return Runtime(device, torch.bfloat16 if amp == "bf16" else torch.float32,
+                   torch.channels_last)
 
 
 def synchronize(runtime: Runtime) -> None:

@@ -33,10 +33,13 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     local_world: int = 1
+    launched: bool = False  # started by torchrun
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        """Whether this process is part of a DDP job. A torchrun job of one process is one
+        too (as in torchvision's references): the path that scales to N is the one tried."""
+        return self.world > 1 or self.launched
 
     @property
     def main(self) -> bool:
@@ -61,7 +64,7 @@ def from_env() -> Dist:
     world = int(os.environ["WORLD_SIZE"])
     return Dist(rank=int(os.environ.get("RANK", 0)), world=world,
                 local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+                local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)), launched=True)
 
 
 @contextmanager

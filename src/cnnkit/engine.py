@@ -16,13 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from .data import Split
 from . import distributed
 from .device import Runtime
 from .distributed import SINGLE, Dist
-from .metrics import accuracy, confusion_matrix
+from .metrics import accuracy, confusion_matrix, top_k_accuracy
+from .progress import bar
 from .transforms import Augment, to_input
 
 
@@ -63,6 +62,7 @@ class TrainStep:
     dist: Dist = SINGLE
     ema: nn.Module | None = None
     ema_every: int = 5
+    scaler: torch.amp.GradScaler | None = None  # fp16 autocast (Runtime.grad_scaler)
 
 
 def train_step(model: nn.Module, s: TrainStep, batch: torch.Tensor, index: torch.Tensor,
@@ -93,40 +93,49 @@ def train_step(model: nn.Module, s: TrainStep, batch: torch.Tensor, index: torch
     total = len(batch) if s.class_weights is None else \
         s.class_weights[batch_labels.to(device)].sum()
     loss = loss_sum / total * s.dist.world
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}")
     s.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    s.optimizer.step()
+    if s.scaler is None:
+        loss.backward()
+        s.optimizer.step()
+    else:  # a step whose scaled gradients overflowed is skipped, and the scale lowered
+        s.scaler.scale(loss).backward()
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
     s.scheduler.step()
     return loss.detach() / s.dist.world, logits.detach()
 
 
 def train_one_epoch(model: nn.Module, data: Split, s: TrainStep, *, batch_size: int,
                     epoch: int, generator: torch.Generator, max_batches: int | None = None,
-                    progress: bool = False) -> EpochStats:
+                    progress: bool = False, epochs: int | None = None) -> EpochStats:
     """One pass over `data` in a fresh seeded order (or its first `max_batches` batches,
     when a time budget ends the run mid-epoch). `batch_size` is the global batch: under DDP
-    this process trains on its share of each one."""
+    this process trains on its share of each one. `progress` draws a bar with the running
+    loss (of this process's share), titled epoch `epoch + 1` of `epochs`."""
     model.train()
     device = s.runtime.device
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss × images, correct, images
     batches = batch_order(len(data), batch_size, generator, s.dist.world)[:max_batches]
     shares = [s.dist.share(b) for b in batches]
-    stream = tqdm(data.iterate(shares, device), total=len(batches), desc=f"epoch {epoch}",
-                  leave=False, disable=not progress, unit="batch")
+    stream = bar(data.iterate(shares, device), total=len(batches), unit="batch",
+                 desc=f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else ""), enabled=progress)
     for step, (batch, (index, images, y)) in enumerate(zip(batches, stream)):
-        try:
-            loss, logits = train_step(model, s, batch, index, images, y, epoch=epoch,
-                                      generator=generator, batch_labels=None if
-                                      s.class_weights is None else data.labels[batch])
-        except NonFiniteLoss as e:
-            raise NonFiniteLoss(f"{e}, step {step}") from None
+        loss, logits = train_step(model, s, batch, index, images, y, epoch=epoch,
+                                  generator=generator, batch_labels=None if
+                                  s.class_weights is None else data.labels[batch])
         if s.ema is not None and step % s.ema_every == s.ema_every - 1:
             s.ema.update_parameters(model)
         totals[0] += loss * len(batch)
         totals[1] += (logits.argmax(1) == y).sum()
         totals[2] += len(index)
+        # Checking waits for the GPU, so not at every step: a diverged run is caught within
+        # 16 steps (the checkpoints are from the end of an earlier epoch).
+        if step % 16 == 15 or step == len(batches) - 1:
+            if not torch.isfinite(totals[0]):
+                raise NonFiniteLoss(f"loss is {float(totals[0])} at epoch {epoch}, step {step}")
+        if progress and step % 10 == 0:  # a running loss; .item() waits for the GPU: rarely
+            stream.set_postfix(loss=f"{float(totals[0] / totals[2]):.4f}")
+    stream.close()
     loss_total, correct, seen = distributed.all_sum(s.dist, totals).tolist()
     return EpochStats(loss_total / max(seen, 1), correct / max(seen, 1))
 
@@ -161,6 +170,7 @@ class EvalResult:
     accuracy: float
     confusion: torch.Tensor   # (K, K): true class × predicted class
     probs: torch.Tensor       # (N, K) softmax probabilities, on the CPU
+    top5: float | None = None  # with more than 5 classes
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, level: int, mirror: bool = True
@@ -185,7 +195,7 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int, mirror: bool = Tru
 @torch.inference_mode()
 def evaluate_split(model: nn.Module, data: Split, *, mean, std, runtime: Runtime, num_classes: int,
              batch_size: int = 500, tta: int = 0, mirror: bool = True,
-             dist: Dist = SINGLE) -> EvalResult:
+             dist: Dist = SINGLE, progress: bool | None = None) -> EvalResult:
     """Loss, accuracy, confusion matrix and probabilities over `data`. Under DDP the
     processes take turns at the batches and share their results: each batch is computed
     as one process would, and summed in the same order, so the result is the same."""
@@ -193,7 +203,8 @@ def evaluate_split(model: nn.Module, data: Split, *, mean, std, runtime: Runtime
     batches = torch.arange(len(data)).split(batch_size)
     mine = batches[dist.rank::dist.world]
     probs, losses = [], []
-    for _, images, y in data.iterate(mine, runtime.device):
+    for _, images, y in bar(data.iterate(mine, runtime.device), total=len(mine),
+                            desc="evaluating", unit="batch", enabled=progress):
         x = to_input(images, mean, std, memory_format=runtime.memory_format)
         with torch.autocast(runtime.device.type, dtype=runtime.dtype, enabled=runtime.autocast):
             logits = tta_logits(model, x, tta, mirror).float()
@@ -205,5 +216,7 @@ def evaluate_split(model: nn.Module, data: Split, *, mean, std, runtime: Runtime
         probs = [parts[r][0][j] for r, j in order]
         losses = [parts[r][1][j] for r, j in order]
     probs = torch.cat(probs) if probs else torch.zeros(0, num_classes)
-    confusion = confusion_matrix(probs.argmax(1), data.labels.cpu(), num_classes)
-    return EvalResult(sum(losses) / max(len(data), 1), accuracy(confusion), confusion, probs)
+    labels = data.labels.cpu()
+    confusion = confusion_matrix(probs.argmax(1), labels, num_classes)
+    return EvalResult(sum(losses) / max(len(data), 1), accuracy(confusion), confusion, probs,
+                      top_k_accuracy(probs, labels, 5) if num_classes > 5 else None)

@@ -37,8 +37,9 @@ def evaluate(run, data: str | None = None, *, split: str | None = None, device: 
     if own:  # the run's data, with its own validation split
         ds = lm.info.load_data(data)
     else:
-        ds = load_dataset(data, data_dir=data_dir, image_size=lm.image_size[0])
-    _check_compatible(lm, ds.classes, ds.in_channels)
+        ds = load_dataset(data, data_dir=data_dir, image_size=lm.image_size[0],
+                          channels=lm.in_channels)
+    _check_compatible(lm, ds.classes)  # channels were converted to the model's
     name = split or ds.default_eval_split
     if split is None and not own and ds.held_out and ds.test is None:
         name = "all"  # data this run never saw, with no split of its own
@@ -76,10 +77,7 @@ def _split_of(ds: Dataset, name: str) -> Split:
     return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
 
 
-def _check_compatible(lm: LoadedModel, classes: list[str], in_channels: int) -> None:
-    if in_channels != lm.in_channels:
-        raise CnnkitError(f"the model takes {lm.in_channels}-channel images, the data has "
-                          f"{in_channels} channels")
+def _check_compatible(lm: LoadedModel, classes: list[str]) -> None:
     if len(classes) != len(lm.classes):
         raise CnnkitError(f"the model knows {len(lm.classes)} classes "
                           f"({', '.join(lm.classes[:10])}{'…' if len(lm.classes) > 10 else ''}), "

@@ -13,6 +13,7 @@ import torch.nn as nn
 from .version import __version__
 from .checkpoint import LoadedModel, OnnxModel, load, read_checkpoint, save_safetensors
 from .errors import CnnkitError, SettingsError, unknown_choice
+from .progress import bar
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 TOLERANCE = 1e-4
@@ -53,6 +54,7 @@ def export(run, out: str | Path, *, fmt: str = "onnx", check_images: torch.Tenso
     wrapped = PixelModel(lm.model, lm.mean, lm.std).eval()
     images = check_images if check_images is not None else _real_images(lm)
     example = images[:2]
+    steps = bar(total=2, desc=f"writing {fmt}", unit="step")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -61,7 +63,10 @@ def export(run, out: str | Path, *, fmt: str = "onnx", check_images: torch.Tenso
             else:
                 traced = torch.jit.trace(wrapped, example)
                 traced.save(str(out), _extra_files={"cnnkit.json": json.dumps(metadata(lm))})
+            steps.update()
+            steps.set_description_str("verifying against PyTorch")
             worst = _largest_difference(wrapped, load_exported(out, fmt), images)
+            steps.update()
     except CnnkitError:
         out.unlink(missing_ok=True)
         raise
@@ -70,6 +75,8 @@ def export(run, out: str | Path, *, fmt: str = "onnx", check_images: torch.Tenso
         raise CnnkitError(f"{fmt} export of {lm.name} failed: "
                           f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
                           ) from None
+    finally:
+        steps.close()
     if worst > TOLERANCE:
         out.unlink(missing_ok=True)
         raise CnnkitError(f"{fmt} export does not match PyTorch: largest difference "

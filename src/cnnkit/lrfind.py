@@ -13,10 +13,10 @@ import torch
 
 from .config import make_config
 from .device import select_runtime
-from .engine import (NonFiniteLoss, TrainStep, balanced_weights, batch_order, to_device,
-                     train_step)
+from .engine import TrainStep, balanced_weights, batch_order, to_device, train_step
 from .optim import build_optimizer
 from .plots import plot_lr_find
+from .progress import bar
 from .setup import preflight, prepare
 from .transforms import Augment
 
@@ -45,15 +45,15 @@ def lr_range_test(model, data, step: TrainStep, *, batch_size: int, base_lr: flo
         while len(batches) < steps:
             batches += batch_order(len(data), batch_size, generator)
         batches = batches[:steps]
-        for k, (batch, (index, images, labels)) in enumerate(
-                zip(batches, data.iterate(batches, step.runtime.device))):
-            try:
-                loss, _ = train_step(model, step, batch, index, images, labels, epoch=0,
-                                     generator=generator, batch_labels=None if
-                                     step.class_weights is None else data.labels[batch])
-            except NonFiniteLoss:
-                break
+        steps_bar = bar(data.iterate(batches, step.runtime.device), total=len(batches),
+                        desc="lr range test", unit="step")
+        for k, (batch, (index, images, labels)) in enumerate(zip(batches, steps_bar)):
+            loss, _ = train_step(model, step, batch, index, images, labels, epoch=0,
+                                 generator=generator, batch_labels=None if
+                                 step.class_weights is None else data.labels[batch])
             value = float(loss)
+            if not math.isfinite(value):
+                break
             avg = smooth * avg + (1 - smooth) * value
             smoothed = avg / (1 - smooth ** (k + 1))
             lrs.append(lr_at(k))
@@ -61,6 +61,7 @@ def lr_range_test(model, data, step: TrainStep, *, batch_size: int, base_lr: flo
             best = min(best, smoothed)
             if k > 10 and smoothed > 4 * best:
                 break
+        steps_bar.close()
     finally:
         model.load_state_dict(saved_model)
         step.optimizer.load_state_dict(saved_opt)
@@ -82,14 +83,15 @@ def lr_find(out: str | Path = "lr-find.png", *, steps: int = 100, start: float =
     """Build the data and model a `train` with these settings would use, run the range
     test, and save a plot of loss against lr. `cnnkit.lr_find(data="digits")`."""
     cfg = make_config(**settings)
-    runtime = select_runtime(cfg.device)
+    runtime = select_runtime(cfg.device, amp=cfg.amp)
     preflight(dataclasses.replace(cfg, out=None))
     cfg, ds, model, _, mean, std = prepare(cfg, runtime)
     model.to(runtime.device, memory_format=runtime.memory_format)
     weights = balanced_weights(ds.train.labels, len(ds.classes)).to(runtime.device) \
         if cfg.balance else None
     step = TrainStep(build_optimizer(model, cfg), None, Augment(cfg.flip, cfg.translate,
-                     cfg.cutout), mean, std, runtime, cfg.label_smoothing, weights, cfg.seed)
+                     cfg.cutout), mean, std, runtime, cfg.label_smoothing, weights, cfg.seed,
+                     scaler=runtime.grad_scaler())
     result = lr_range_test(model, to_device(ds.train, runtime), step,
                            batch_size=cfg.batch_size, base_lr=cfg.lr, start=start, end=end,
                            steps=steps, seed=cfg.seed)

@@ -21,6 +21,14 @@ def accuracy(confusion: torch.Tensor) -> float:
     return float(confusion.trace()) / total if total else 0.0
 
 
+def top_k_accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """The fraction of images whose true class is among the k most probable."""
+    if not len(labels):
+        return 0.0
+    top = probs.topk(min(k, probs.shape[1]), dim=1).indices
+    return float((top == labels.view(-1, 1)).any(1).float().mean())
+
+
 def evaluation_record(confusion: torch.Tensor, loss: float, classes: list[str], data: str,
                       split: str, probs: torch.Tensor, labels: torch.Tensor) -> dict:
     """What `cnnkit eval` prints and saves: overall and per-class accuracy, top-5 accuracy

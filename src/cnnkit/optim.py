@@ -62,3 +62,8 @@ def build_ema(model: nn.Module, decay: float):
         return None
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def current_lr(scheduler, peak_lr: float) -> float:
+    """The schedule's lr now, as a value of --lr (groups with a multiplier have theirs)."""
+    return peak_lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0]

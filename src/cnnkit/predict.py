@@ -16,24 +16,38 @@ from PIL import Image, UnidentifiedImageError
 from .checkpoint import LoadedModel, load
 from .data import IMAGE_EXTENSIONS, image_to_tensor, read_image
 from .device import Runtime, select_runtime
+from .errors import SettingsError
+from .progress import bar
 from .transforms import to_input
 
 
 def predict(run, images, *, top_k: int = 3, device: str = "auto", batch_size: int = 64,
-            recursive: bool = False, csv_path: str | Path | None = None) -> list[dict]:
+            recursive: bool = False, csv_path: str | Path | None = None,
+            as_frame: bool = False):
     """For each image: {"file", "predictions": [{"class", "probability"}, ...]} best first,
     plus "label" when its folder is named like one of the model's classes; or {"file",
     "error"} when it cannot be read. `images` holds paths, folders (their images; with
     `recursive`, their subfolders' too), glob patterns or PIL images. With `csv_path`, each
-    result is also written there as a row as soon as it is known."""
+    result is also written there as a row as soon as it is known. `as_frame=True` returns
+    a pandas DataFrame with the CSV's columns instead of the list."""
+    if as_frame:
+        try:
+            import pandas
+        except ImportError:
+            raise SettingsError("predict(..., as_frame=True) needs pandas: pip install "
+                                "pandas") from None
     runtime = select_runtime(device)
     lm = run if isinstance(run, LoadedModel) else load(run, runtime.device)
     lm.model.to(runtime.device, memory_format=runtime.memory_format)
-    results = iter_predictions(lm, expand_inputs(images, recursive), top_k=top_k,
-                               runtime=runtime, batch_size=batch_size)
-    if csv_path is None:
-        return list(results)
-    return list(write_csv(results, Path(csv_path), top_k))
+    items = expand_inputs(images, recursive)
+    results = bar(iter_predictions(lm, items, top_k=top_k, runtime=runtime,
+                                   batch_size=batch_size),
+                  total=len(items), desc="predicting", unit="img")
+    results = list(results if csv_path is None else write_csv(results, Path(csv_path), top_k))
+    if as_frame:
+        return pandas.DataFrame([table_row(r, top_k) for r in results],
+                                columns=table_columns(top_k))
+    return results
 
 
 def expand_inputs(items: Iterable, recursive: bool = False) -> list:
@@ -122,25 +136,34 @@ def predict_tensor(lm: LoadedModel, images: torch.Tensor, runtime: Runtime,
     return torch.cat(out)
 
 
+def table_columns(top_k: int) -> list[str]:
+    """The columns of a prediction table (the CSV, the DataFrame)."""
+    columns = ["file", "predicted", "probability"]
+    for i in range(2, top_k + 1):
+        columns += [f"class_{i}", f"probability_{i}"]
+    return columns + ["label", "error"]
+
+
+def table_row(r: dict, top_k: int) -> list:
+    """One result as a row of `table_columns`: empty cells where it has no value."""
+    row = [r["file"]]
+    preds = r.get("predictions", [])
+    for i in range(top_k):
+        row += [preds[i]["class"], preds[i]["probability"]] if i < len(preds) else ["", None]
+    return row + [r.get("label", ""), r.get("error", "")]
+
+
 def write_csv(results: Iterable[dict], path: Path, top_k: int) -> Iterator[dict]:
     """Pass results through, writing each as a CSV row as it comes (flushed, so a long run
     can be watched and a crash keeps what was done): file, predicted class and probability,
     the next classes and probabilities, the true label (from the folder name) and any
     error."""
-    columns = ["file", "predicted", "probability"]
-    for i in range(2, top_k + 1):
-        columns += [f"class_{i}", f"probability_{i}"]
-    columns += ["label", "error"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(columns)
+        writer.writerow(table_columns(top_k))
         for r in results:
-            row = [r["file"]]
-            preds = r.get("predictions", [])
-            for i in range(top_k):
-                row += [preds[i]["class"], f"{preds[i]['probability']:.6f}"] \
-                    if i < len(preds) else ["", ""]
-            writer.writerow(row + [r.get("label", ""), r.get("error", "")])
+            writer.writerow(["" if v is None else f"{v:.6f}" if isinstance(v, float) else v
+                             for v in table_row(r, top_k)])
             f.flush()
             yield r
 

@@ -15,6 +15,7 @@ from .data import load_dataset
 from .explain import filters, worst_cams
 from .plots import (image_grid, plot_confusion, plot_curves, plot_per_class, plot_top_losses,
                     top_losses)
+from .progress import bar
 
 
 def most_confused(confusion: torch.Tensor, classes: list[str], k: int = 5) -> list[dict]:
@@ -37,17 +38,20 @@ def write_report(out: Path, *, evaluation: dict, images: torch.Tensor, labels: t
     classes = evaluation["classes"]
     confusion = torch.tensor(evaluation["confusion_matrix"])
     top = top_losses(probs, labels.cpu(), min(top_k, len(labels)))
-    pictures = {}
-    if metrics:
-        pictures["Training curves"] = plot_curves(metrics, out / "curves.png")
-    pictures["Confusion matrix"] = plot_confusion(confusion, classes, out / "confusion.png")
-    pictures["Accuracy per class"] = plot_per_class(evaluation["per_class_accuracy"],
-                                                    out / "per-class.png")
-    pictures["Top losses"] = plot_top_losses(images.cpu(), top, classes, out / "top-losses.png")
-    if model is not None:  # inside the network: first-layer filters, Grad-CAM of the worst
-        pictures["First-layer filters"] = Path(filters(model, out / "filters.png")["file"])
-        pictures["Grad-CAM of the worst-classified images"] = worst_cams(
-            model, images.cpu(), top[:8], out / "gradcam-worst.png")
+    drawings = [  # (title, file, how), drawn in this order under one progress bar
+        ("Training curves", "curves.png", lambda p: plot_curves(metrics, p)),
+        ("Confusion matrix", "confusion.png", lambda p: plot_confusion(confusion, classes, p)),
+        ("Accuracy per class", "per-class.png",
+         lambda p: plot_per_class(evaluation["per_class_accuracy"], p)),
+        ("Top losses", "top-losses.png",
+         lambda p: plot_top_losses(images.cpu(), top, classes, p)),
+        # inside the network: first-layer filters, Grad-CAM of the worst-classified
+        ("First-layer filters", "filters.png", lambda p: Path(filters(model, p)["file"])),
+        ("Grad-CAM of the worst-classified images", "gradcam-worst.png",
+         lambda p: worst_cams(model, images.cpu(), top[:8], p))]
+    drawings = drawings[(0 if metrics else 1):(None if model is not None else -2)]
+    pictures = {title: draw(out / name) for title, name, draw in
+                bar(drawings, desc="drawing the report", unit="picture")}
     confused = most_confused(confusion, classes)
     record = {**evaluation, "top_losses": top, "most_confused": confused}
     atomic_write(out / "evaluation.json", lambda f: f.write(json.dumps(record, indent=2).encode()))

@@ -18,6 +18,7 @@ from .errors import CnnkitError, SettingsError
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds",
                   "val_seconds"]
+OPTIONAL_COLUMNS = ["val_top5", "lr"]
 
 
 class RunFolder:
@@ -85,11 +86,13 @@ def _fmt(v) -> str:
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """The whole table, rewritten atomically each epoch: it never holds a torn row."""
+    # lr and top-5 came later: a resumed older run leaves their cells empty
+    columns = METRIC_COLUMNS + [c for c in OPTIONAL_COLUMNS if any(c in r for r in rows)]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(METRIC_COLUMNS)
+    writer.writerow(columns)
     for row in rows:
-        writer.writerow([_fmt(row[c]) for c in METRIC_COLUMNS])
+        writer.writerow([_fmt(row[c]) if c in row else "" for c in columns])
     atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
@@ -168,7 +171,7 @@ class TensorBoard:
 
 def read_metrics(run: Path) -> list[dict]:
     with open(Path(run) / "metrics.csv", newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()}
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v != ""}
                 for row in csv.DictReader(f)]
 
 

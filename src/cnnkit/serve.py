@@ -13,13 +13,16 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .checkpoint import LoadedModel, load
+from .device import select_runtime
 from .predict import predict
 
 PAGE = Path(__file__).with_name("page.html")
 
 
-def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0) -> FastAPI:
-    lm = model if isinstance(model, LoadedModel) else load(model, "cpu")
+def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0,
+               device: str = "auto") -> FastAPI:
+    runtime = select_runtime(device)
+    lm = model if isinstance(model, LoadedModel) else load(model, runtime.device)
     limit = int(max_upload_mb * 1024 * 1024)
     app = FastAPI(title="cnnkit", description=f"{lm.name}: {len(lm.classes)} classes")
 
@@ -54,7 +57,7 @@ def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0) -
             if len(data) > limit:
                 raise HTTPException(413, f"{f.filename}: larger than {max_upload_mb:g} MB")
             images.append((f.filename or "upload", _decode(data, f.filename)))
-        results = predict(lm, [im for _, im in images], top_k=top_k, device="cpu")
+        results = predict(lm, [im for _, im in images], top_k=top_k, device=device)
         for (name, _), r in zip(images, results):
             r["file"] = name
         return results
@@ -82,8 +85,9 @@ def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0) -
 
 
 def serve(model, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10.0,
-          log=print) -> None:
+          device: str = "auto", log=print) -> None:
     import uvicorn
-    app = create_app(model, max_upload_mb)
-    log(f"serving {model} on http://{host}:{port}/ (Ctrl-C stops)")
+    app = create_app(model, max_upload_mb, device)
+    log(f"serving {model} on http://{host}:{port}/ ({select_runtime(device).device}; "
+        "Ctrl-C stops)")
     uvicorn.run(app, host=host, port=port, log_level="warning")

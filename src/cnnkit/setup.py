@@ -32,7 +32,7 @@ def preflight(cfg: Config, check_out: bool = True) -> None:
     the images will be big enough for the model, the output folder and weights file."""
     model_entry(cfg.model)
     check_source(cfg.data)
-    channels, size = expected_input(cfg.data, cfg.image_size)
+    channels, size = expected_input(cfg.data, cfg.image_size, cfg.channels)
     args = {"widths": parse_widths(cfg.width)} if cfg.width else {}
     model = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size,
                          **args).eval()
@@ -82,7 +82,8 @@ def prepare(cfg: Config, runtime: Runtime):
         norm = info["mean"], info["std"]
     ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
                       val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict,
-                      stream=True if cfg.stream else None, max_memory=cfg.max_memory)
+                      stream=True if cfg.stream else None, max_memory=cfg.max_memory,
+                      channels=cfg.channels)
     cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type)
     torch.manual_seed(cfg.seed)
     model_args = {"widths": list(parse_widths(cfg.width))} if cfg.width else {}
@@ -107,7 +108,7 @@ def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runt
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.0)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     step = TrainStep(optimizer, scheduler, augment, mean, std, runtime, cfg.label_smoothing,
-                     dist=dist)
+                     dist=dist, scaler=runtime.grad_scaler())
     kw = dict(batch_size=cfg.batch_size, epoch=0, generator=generator)
     # A model may train more in its first epochs (fastnet's whitening bias) or less (a
     # frozen backbone): both phases are timed.
@@ -207,7 +208,7 @@ def build_run(cfg: Config, ckpt: dict | None, dist, runtime: Runtime) -> Run:
         if cfg.balance else None
     step = TrainStep(optimizer, build_scheduler(optimizer, cfg, total), augment, mean, std,
                      runtime, cfg.label_smoothing, weights, cfg.seed, dist,
-                     build_ema(model, cfg.ema))
+                     build_ema(model, cfg.ema), scaler=runtime.grad_scaler())
     info = RunInfo.of_run(cfg, ds, mean, std, model_args, processes=dist.world)
     return Run(cfg, info, ds, model, train_data, val_data, step,
                 torch.Generator().manual_seed(cfg.seed), per_epoch, total, plan, dist, runtime)

@@ -3,7 +3,6 @@ best.pt, report.html). Setup lives in setup.py, one epoch in engine.py, the save
 format in checkpoint.py, the run folder in runs.py; this is the loop."""
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from .device import Runtime, select_runtime, synchronize
 from .engine import EvalResult, NonFiniteLoss, evaluate_split, train_one_epoch
 from .errors import CnnkitError, Interrupted, SettingsError
 from .metrics import evaluation_record
+from .optim import current_lr
+from .progress import EpochTable, interactive
 from .report import write_report
 from .runs import RunFolder, TensorBoard, last_saved_epoch, save_epoch, write_config
 from .setup import Run, build_run, check_processes, preflight, resume_settings, wrapper
@@ -56,12 +57,12 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
         cfg, ckpt = resume_settings(Path(resume), config, overrides)
     else:
         cfg = config if config is not None else make_config(**overrides)
-    runtime = select_runtime(cfg.device, dist.local_rank if dist.enabled else None)
+    runtime = select_runtime(cfg.device, dist.local_rank if dist.enabled else None, cfg.amp)
     if dist.enabled:
         check_processes(cfg, runtime.device, dist.local_world)
     if ckpt is None:
         preflight(cfg, check_out=dist.main)  # every setting checked before any data loads
-    progress = sys.stderr.isatty() if progress is None else progress
+    progress = interactive() if progress is None else progress
     with distributed.process_group(dist, runtime.device, cfg.dist_timeout):
         return _train(cfg, ckpt, resume, dist, runtime, log if dist.main else _silent,
                       progress and dist.main)
@@ -80,7 +81,7 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
     if ckpt is not None:
         steps_done = restore_training_state(ckpt["train_state"], model, step.optimizer,
                                             step.scheduler, step.ema, run.generator,
-                                            runtime.device)
+                                            runtime.device, step.scaler)
         first_epoch, result.metrics = ckpt["epoch"] + 1, list(ckpt["train_state"]["history"])
     with ExitStack() as stack:
         run_dir = distributed.on_main(dist, lambda: stack.enter_context(RunFolder(
@@ -124,6 +125,7 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
     net, trained = wrap(model), _trained_set(model)
     best = max((m["val_acc"] for m in result.metrics), default=-1.0)
     epoch, ev = first_epoch, None
+    table = EpochTable(cfg.epochs, run.ds.val_name, top5=len(run.ds.classes) > 5)
     try:
         for epoch in range(first_epoch, cfg.epochs):
             model.on_epoch(epoch, cfg)
@@ -137,12 +139,14 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
             try:
                 stats = train_one_epoch(net, run.train_data, step, batch_size=cfg.batch_size,
                                         epoch=epoch, generator=run.generator, progress=progress,
-                                        max_batches=run.total_steps - steps_done)
+                                        max_batches=run.total_steps - steps_done,
+                                        epochs=cfg.epochs)
             except NonFiniteLoss as e:
                 raise CnnkitError(f"training diverged: {e}; the checkpoints in {run_dir} "
                                   f"are from before it (try a lower --lr)") from None
             synchronize(runtime)
             seconds = time.perf_counter() - start
+            lr = current_lr(step.scheduler, cfg.lr)
             steps_done += min(run.steps_per_epoch, run.total_steps - steps_done)
             evaluated = step.ema.module if step.ema is not None else model
             distributed.sync_buffers(dist, evaluated)
@@ -151,22 +155,24 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
             ev = evaluate_split(evaluated, run.val_data, mean=step.mean, std=step.std,
                                 runtime=runtime, num_classes=len(run.ds.classes),
                                 batch_size=cfg.eval_batch_size, tta=cfg.tta if last else 0,
-                                mirror=cfg.flip != "none", dist=dist)
+                                mirror=cfg.flip != "none", dist=dist, progress=progress)
             row = dict(epoch=epoch, train_loss=stats.loss, train_acc=stats.accuracy,
                        val_loss=ev.loss, val_acc=ev.accuracy, seconds=seconds,
-                       val_seconds=time.perf_counter() - start)
+                       val_seconds=time.perf_counter() - start, lr=lr,
+                       **({"val_top5": ev.top5} if ev.top5 is not None else {}))
             result.metrics.append(row)
             improved, best = ev.accuracy > best, max(best, ev.accuracy)
             if dist.main:
                 save_epoch(run_dir, build_checkpoint(run.info, evaluated, epoch, row), improved,
                            training_state(model, step.optimizer, step.scheduler, step.ema,
                                           run.generator, runtime.device, steps_done,
-                                          run.total_steps, result.metrics))
+                                          run.total_steps, result.metrics, step.scaler))
                 if board is not None:
-                    board.log(row, step.optimizer.param_groups[0]["lr"])
-            log(f"epoch {epoch:>3}  train loss {stats.loss:.4f}  train acc "
-                f"{stats.accuracy:.4f}  {run.ds.val_name} acc {ev.accuracy:.4f}"
-                f"{f' (tta {cfg.tta})' if cfg.tta and last else ''}  {seconds:.1f}s")
+                    board.log(row, lr)
+            if epoch == first_epoch:
+                log(table.header())
+            log(table.row(result.metrics, improved,
+                          f"(tta {cfg.tta})" if cfg.tta and last else ""))
             if cfg.patience and _epochs_since_best(result.metrics) >= cfg.patience and not last:
                 log(f"stopping early: {run.ds.val_name} accuracy has not improved for "
                     f"{cfg.patience} epochs (best {best:.4f}, kept in best.pt); train every "
@@ -201,7 +207,7 @@ def _launch(nproc: int, config, resume, progress, overrides) -> TrainResult:
         cfg = config if config is not None else make_config(**overrides)
         preflight(cfg)
         config, overrides = cfg, {}
-    check_processes(cfg, select_runtime(cfg.device).device, nproc)
+    check_processes(cfg, select_runtime(cfg.device, amp=cfg.amp).device, nproc)
     folder = resume or cfg.out
     hint = (f" (completed epochs are saved: resume with cnnkit train --resume {folder})"
             if folder else " (completed epochs are saved in the run folder: resume with "

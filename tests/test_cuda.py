@@ -1,0 +1,134 @@
+"""cnnkit's CUDA path, run by benchmarks/gpu_check.sh when a GPU is lent (marked `cuda`,
+skipped without one). Every test is short: the whole file must fit in a few minutes of
+scarce GPU time. `CNNKIT_TEST_DEVICE=cpu` runs the same steps on the CPU (the script's
+--dry-run, part of `make test`), so they cannot rot while no GPU is lent; what only a GPU
+has (fp16 loss scaling, NCCL, torch.compile's GPU kernels) is checked there alone."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cnnkit
+from cnnkit.errors import Interrupted
+from cnnkit.models import list_models
+
+DEVICE = os.environ.get("CNNKIT_TEST_DEVICE", "cuda")
+GPU = DEVICE.startswith("cuda")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(GPU and not torch.cuda.is_available(),
+                                                   reason="needs a CUDA GPU")]
+gpu_only = pytest.mark.skipif(not GPU, reason="a GPU-only feature")
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+QUIET = dict(log=lambda s: None, device=DEVICE)
+SIZE = 32 if GPU else 16  # the dry run's tiny size
+
+
+@pytest.fixture(scope="module")
+def cuda_run(tmp_path_factory):
+    """The default recipe on CUDA (its GPU settings: batch 1024, GPU widths, bf16)."""
+    out = tmp_path_factory.mktemp("cuda") / "run"
+    return cnnkit.train(data="digits", image_size=SIZE, epochs=2, out=str(out), **QUIET)
+
+
+@pytest.mark.parametrize("name", list_models() + ["tv:resnet18"])
+def test_every_model_trains_an_epoch_with_its_gpu_settings(tmp_path, name):
+    result = cnnkit.train(data="digits", image_size=SIZE, epochs=1, model=name,
+                          out=str(tmp_path / "r"), **QUIET)
+    assert 0 <= result.best_val_acc <= 1
+    if result.config.recipe == "fast" and GPU:
+        assert result.config.batch_size == 1024  # the GPU batch of the fast recipe
+
+
+def test_default_recipe_learns(cuda_run):
+    assert cuda_run.best_val_acc > 0.5
+
+
+@gpu_only
+def test_compile_trains(tmp_path):
+    result = cnnkit.train(data="digits", image_size=SIZE, epochs=1, compile=True,
+                          out=str(tmp_path / "r"), **QUIET)
+    assert 0 <= result.best_val_acc <= 1
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16", "off"])
+def test_mixed_precision(tmp_path, amp):
+    if amp == "fp16" and not GPU:
+        pytest.skip("fp16 autocast is for GPUs (refused on the CPU: test_cli)")
+    if amp == "bf16" and GPU and not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("this GPU has no native bf16")
+    result = cnnkit.train(data="digits", image_size=SIZE, epochs=2, amp=amp,
+                          out=str(tmp_path / "r"), **QUIET)
+    assert result.best_val_acc > 0.3
+    state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)["train_state"]
+    # fp16 trains through a GradScaler, saved for --resume; bf16 and float32 need none
+    assert (state["grad_scaler"] is not None) == (amp == "fp16")
+    if amp == "fp16":
+        assert state["grad_scaler"]["scale"] > 0
+
+
+def test_lr_find(tmp_path):
+    result = cnnkit.lr_find(tmp_path / "lr.png", data="digits", image_size=SIZE, steps=30,
+                            device=DEVICE)
+    assert result["suggested_lr"] > 0 and (tmp_path / "lr.png").exists()
+
+
+def test_eval_and_predict(cuda_run, tmp_path):
+    record = cnnkit.evaluate(cuda_run.run_dir, device=DEVICE)
+    assert record["accuracy"] == pytest.approx(cuda_run.metrics[-1]["val_acc"], abs=0.02)
+    from PIL import Image
+    Image.new("L", (8, 8), 128).save(tmp_path / "x.png")
+    out = cnnkit.predict(cuda_run.run_dir, [tmp_path / "x.png"], device=DEVICE)
+    assert len(out[0]["predictions"]) == 3
+
+
+def test_onnx_export_of_a_cuda_trained_model(cuda_run, tmp_path):
+    path = cnnkit.export(cuda_run.run_dir, tmp_path / "m.onnx")  # verified when written
+    assert path.exists()
+
+
+def test_serve_answers_from_cuda(cuda_run, tmp_path):
+    from fastapi.testclient import TestClient
+    from PIL import Image
+    from cnnkit.serve import create_app
+    Image.new("L", (8, 8), 128).save(tmp_path / "x.png")
+    client = TestClient(create_app(cuda_run.run_dir, device=DEVICE))
+    with open(tmp_path / "x.png", "rb") as f:
+        r = client.post("/predict", files=[("files", ("x.png", f, "image/png"))])
+    assert r.status_code == 200 and len(r.json()[0]["predictions"]) == 3
+
+
+def test_ddp_with_one_process(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node", "1", "-m", "cnnkit", "train", "--data", "digits",
+                        "--image-size", str(SIZE), "--epochs", "1", "--device", DEVICE, "--out",
+                        str(tmp_path / "r")], capture_output=True, text=True, env=ENV,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert ("nccl" if GPU else "gloo") in p.stdout and (tmp_path / "r" / "last.pt").exists()
+
+
+def test_streaming_with_pinned_memory(tmp_path, png_sample):
+    result = cnnkit.train(data=str(png_sample), stream=True, epochs=1,
+                          out=str(tmp_path / "r"), **QUIET)
+    assert 0 <= result.best_val_acc <= 1
+
+
+def test_resume_on_cuda_equals_the_run_left_alone(tmp_path):
+    settings = dict(data="digits", image_size=SIZE, epochs=3, seed=3, **QUIET)
+    whole = cnnkit.train(out=str(tmp_path / "whole"), **settings)
+
+    def stop_after_first(line):
+        if line.split()[:1] == ["1/3"]:
+            raise KeyboardInterrupt
+    with pytest.raises(Interrupted):
+        cnnkit.train(out=str(tmp_path / "cut"), **dict(settings, log=stop_after_first))
+    resumed = cnnkit.train(resume=tmp_path / "cut", log=lambda s: None)
+    # cuDNN's kernels are not bit-reproducible: equal to a tolerance
+    for a, b in zip(whole.metrics, resumed.metrics):
+        assert b["val_acc"] == pytest.approx(a["val_acc"], abs=0.03)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+    cfg = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert cfg["device"] == DEVICE
