@@ -245,7 +245,7 @@ def test_train_help_is_grouped_with_choices_and_examples(capsys):
               and not l.startswith("usage")]
     assert groups == ["data", "model", "training", "augmentation", "evaluation", "output",
                       "distributed"]
-    assert "--optimizer {sgd,adamw}" in text and "--amp {auto,bf16,fp16,off}" in text
+    assert "--optimizer {sgd,adamw,muon}" in text and "--amp {auto,bf16,fp16,off}" in text
     assert "(default: None)" not in text and "default: the test split" in text
     assert re.search(r"--momentum X +SGD momentum \(default: 0\.85\)", text)
     examples = text.split("examples:")[1].strip().splitlines()

@@ -5,7 +5,7 @@ import torch.nn as nn
 import cnnkit
 from cnnkit.config import make_config
 from cnnkit.engine import tta_logits
-from cnnkit.optim import build_optimizer, lr_factor
+from cnnkit.optim import Muon, build_optimizer, lr_factor, newton_schulz
 
 
 class Probe(nn.Module):
@@ -47,7 +47,7 @@ def test_linear_schedule_warms_up_then_decays_to_the_floor():
 
 def test_norm_biases_get_the_higher_lr_and_no_decay():
     model = cnnkit.create_model("fastnet", widths=(8, 8, 8))
-    cfg = make_config(lr=0.1, norm_bias_lr_mult=64, weight_decay=1e-3)
+    cfg = make_config(optimizer="sgd", lr=0.1, norm_bias_lr_mult=64, weight_decay=1e-3)
     opt = build_optimizer(model, cfg)
     norm_ids = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
     for group in opt.param_groups:
@@ -65,6 +65,33 @@ def test_fast_recipe_is_the_default():
     cfg = make_config()
     assert cfg.recipe == "fast" and cfg.model == "fastnet"
     assert cfg.flip == "alternate" and cfg.tta == 2 and cfg.normalize
+    assert cfg.optimizer == "muon" and cfg.schedule == "linear" and cfg.lr_floor == 0
+
+
+@pytest.mark.parametrize("recipe,device,n,expect", [
+    ("fast", "cpu", 4000, dict(epochs=14, batch_size=256, width="40,160,160", lr=0.24,
+                              sgd_lr=0.053 * 256)),
+    ("fast", "cuda", 50_000, dict(epochs=7, batch_size=1024, width="64,256,256")),
+    ("fast", "cpu", 500, dict(epochs=28)),  # little data: more epochs, at most twice
+    ("fast-sgd", "cpu", 4000, dict(epochs=20, batch_size=128, lr=0.2, optimizer="sgd",
+                                  sgd_lr=None, warmup=0.23)),
+    ("tutorial", "cpu", 4000, dict(epochs=10, batch_size=32, lr=0.001)),
+])
+def test_recipe_settings_fitted_to_data_and_device(recipe, device, n, expect):
+    from cnnkit.config import fill_recipe_defaults
+    cfg = fill_recipe_defaults(make_config(recipe=recipe), n, device)
+    for key, value in expect.items():
+        assert getattr(cfg, key) == (pytest.approx(value) if isinstance(value, float)
+                                     else value), key
+
+
+def test_short_time_budgets_train_a_narrower_fastnet_on_the_cpu():
+    from cnnkit.config import fill_recipe_defaults
+    width = {budget: fill_recipe_defaults(make_config(time_budget=budget), 4000, "cpu").width
+             for budget in (10, 44, 45, 60)}
+    assert width == {10: "32,128,128", 44: "32,128,128", 45: "40,160,160", 60: "40,160,160"}
+    gpu = fill_recipe_defaults(make_config(time_budget=10), 4000, "cuda")
+    assert gpu.width == "64,256,256"
 
 
 def test_time_budget_plans_a_whole_schedule(tmp_path):
@@ -82,3 +109,76 @@ def test_ema_run_saves_the_averaged_weights(tmp_path):
     lm = cnnkit.load(result.run_dir / "last.pt")
     ev = cnnkit.evaluate(lm, device="cpu")
     assert ev["accuracy"] == pytest.approx(result.metrics[-1]["val_acc"])
+
+
+def test_newton_schulz_keeps_the_singular_vectors_and_evens_the_values():
+    g = torch.randn(48, 27, generator=torch.Generator().manual_seed(0)).double()
+    u, sv, vt = torch.linalg.svd(g, full_matrices=False)
+    x = newton_schulz(g, steps=5)
+    values = torch.linalg.svdvals(x)
+    assert values.min() > 0.6 and values.max() < 1.25 and sv.max() / sv.min() > 3
+    # the same singular vectors: x is close to u f(s) vᵀ with every f(s) > 0
+    assert torch.allclose(u.T @ x @ vt.T, torch.diag(torch.diagonal(u.T @ x @ vt.T)),
+                          atol=1e-6)
+
+
+def test_muon_trains_hidden_weights_and_leaves_the_rest_to_sgd():
+    model = cnnkit.create_model("fastnet", widths=(8, 16, 16))
+    cfg = make_config(optimizer="muon", lr=0.24, sgd_lr=10.0, head_lr_mult=0.5,
+                      weight_decay=1e-3, batch_size=256)
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, Muon)
+    muon = [g for g in opt.param_groups if g["muon"]]
+    assert len(muon) == 1 and all(p.ndim == 4 for p in muon[0]["params"])
+    head = [g for g in opt.param_groups if any(p is model.get_classifier().weight
+                                               for p in g["params"])][0]
+    assert head["lr"] == 5.0 and head["weight_decay"] == 1e-3 and not head["muon"]
+    conv = model.blocks[0].conv1.weight
+    before = conv.detach().clone()
+    loss = model(torch.randn(4, 3, 32, 32)).square().sum()
+    loss.backward()
+    opt.step()
+    # renormalized to norm sqrt(out channels), then moved by lr × an orthogonal update
+    step = conv.detach() - before * (len(before) ** 0.5 / before.norm())
+    assert torch.linalg.svdvals(step.reshape(len(step), -1) / 0.24).max() < 1.25
+    assert step.norm() > 0.1
+
+
+@pytest.mark.parametrize("name", cnnkit.list_models())
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "muon"])
+def test_every_model_trains_with_every_optimizer(name, optimizer):
+    from cnnkit.config import fill_recipe_defaults
+    torch.manual_seed(0)
+    model = cnnkit.create_model(name, num_classes=3, in_channels=3, image_size=16)
+    model.init_from_data(torch.randn(8, 3, 16, 16))
+    cfg = fill_recipe_defaults(make_config(model=name, optimizer=optimizer), 100, "cpu")
+    opt = build_optimizer(model, cfg)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 3
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    changed = [not torch.equal(a, p) for a, p in zip(before, model.parameters())
+               if p.requires_grad]
+    assert all(changed) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_time_budget_is_replanned_at_the_pace_of_the_last_epoch():
+    from types import SimpleNamespace
+    from cnnkit import distributed
+    from cnnkit.optim import build_scheduler
+    from cnnkit.setup import replan
+    model = cnnkit.create_model("seed-simple")
+    cfg = make_config(optimizer="sgd", lr=0.1, time_budget=10.0, epochs=5)
+    opt = build_optimizer(model, cfg)
+    scheduler = build_scheduler(opt, cfg, 50)
+    info = SimpleNamespace(config=cfg)
+    run = SimpleNamespace(cfg=cfg, info=info, dist=distributed.SINGLE, total_steps=50,
+                          steps_per_epoch=10, step=SimpleNamespace(scheduler=scheduler))
+    # 3 s spent in 20 steps, the last 10 at 0.1 s each: (9.9 - 3) / 0.1 = 69 more steps
+    assert replan(run, [2.0, 1.0], 20, 10) == 89
+    assert run.total_steps == 89 and run.cfg.epochs == 9 and run.info.config.epochs == 9
+    assert all(s.total == 89 for s in scheduler.lr_lambdas)
+    # the schedule now ends at step 89; its state is saved with the checkpoint
+    assert scheduler.state_dict()["lr_lambdas"][0]["total"] == 89
+    # over budget already: no step more
+    assert replan(run, [2.0, 9.0], 30, 10) == 30 and run.cfg.epochs == 3

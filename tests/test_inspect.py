@@ -59,7 +59,8 @@ def test_gradcam_finds_the_evidence(tmp_path):
     for i, (img, lab) in enumerate(zip(images, labels)):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "data" / f"c{lab}" / f"{i}.png")
     run = cnnkit.train(data=str(tmp_path / "data"), model="fastnet", width="16,32,32",
-                       flip="none", epochs=8, batch_size=32, out=str(tmp_path / "run"),
+                       recipe="fast-sgd", flip="none", epochs=8, batch_size=32,
+                       out=str(tmp_path / "run"),
                        log=lambda s: None)  # a mirror would swap the classes
     assert run.metrics[-1]["val_acc"] > 0.9
     lm = cnnkit.load(run.run_dir)

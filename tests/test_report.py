@@ -80,7 +80,7 @@ def test_report_renders_in_headless_chromium(png_run, tmp_path):
 def test_lr_range_test_leaves_model_and_optimizer_bitwise_unchanged():
     torch.manual_seed(0)
     ds = load_dataset("digits", val_fraction=0.2)
-    cfg = make_config(lr=0.1)
+    cfg = make_config(optimizer="sgd", lr=0.1)
     model = cnnkit.create_model("fastnet", in_channels=1, image_size=8, widths=(8, 16, 16))
     opt = build_optimizer(model, cfg)
     x = to_input(ds.train.images[:64], [0.5], [0.3])
@@ -103,7 +103,7 @@ def test_lr_range_test_steps_like_training():
     group's lr (BatchNorm biases at 64×) moved in proportion, not set to one value."""
     torch.manual_seed(0)
     ds = load_dataset("digits", val_fraction=0.2)
-    cfg = make_config(lr=0.1, label_smoothing=0.2)
+    cfg = make_config(optimizer="sgd", lr=0.1, label_smoothing=0.2)
     model = cnnkit.create_model("fastnet", in_channels=1, image_size=8, widths=(8, 16, 16))
     opt = build_optimizer(model, cfg)
     ratios = []

@@ -423,6 +423,7 @@ def cmd_export(args) -> int:
 
 def cmd_recipes(args) -> int:
     notes = {DEFAULT_RECIPE: "the default; the Config's own defaults",
+             "fast-sgd": "the default before Muon",
              "finetune": "the default for tv: models"}
     for name, settings in RECIPES.items():
         note = f"  ({notes[name]})" if name in notes else ""

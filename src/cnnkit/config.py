@@ -74,24 +74,37 @@ class Config:
     time_budget: float | None = _f(None, "fit the schedule to this many seconds of training, "
                                    "planned from a measured step time", group="training")
     batch_size: int | None = _f(None, "images per optimizer step, over all processes under "
-                                "DDP (default: the recipe's; fast: 128 on the CPU, measured "
-                                "fastest per image there, 1024 on a GPU)", group="training")
-    optimizer: str = _f("sgd", "sgd or adamw", choices=["sgd", "adamw"], group="training")
-    lr: float | None = _f(None, "peak learning rate of the mean batch loss (default: SGD "
-                          "0.2 × batch/128, AdamW 0.002)", group="training")
+                                "DDP (default: the recipe's; fast: 256 on the CPU, 1024 on a "
+                                "GPU)", group="training")
+    optimizer: str = _f("muon", "sgd, adamw, or muon (Muon for the hidden weights, Nesterov "
+                        "SGD for the rest)", choices=["sgd", "adamw", "muon"],
+                        group="training")
+    lr: float | None = _f(None, "peak learning rate of the mean batch loss (default: Muon "
+                          "0.24, SGD 0.2 × batch/128, AdamW 0.002)", group="training")
     momentum: float = _f(0.85, "SGD momentum", group="training")
     nesterov: bool = _f(True, "use Nesterov momentum with SGD", group="training")
-    weight_decay: float = _f(1.3e-3, "weight decay of conv and linear weights (not biases, "
-                             "not norms)", group="training")
+    weight_decay: float = _f(0.0, "weight decay of conv and linear weights (not biases, "
+                             "not norms; with Muon, of the classifier only: Muon keeps each "
+                             "weight's norm fixed)", group="training")
     norm_bias_lr_mult: float = _f(64.0, "lr multiplier for BatchNorm biases", group="training")
+    muon_momentum: float = _f(0.6, "--optimizer muon: momentum of the Muon updates",
+                              group="training")
+    sgd_lr: float | None = _f(None, "--optimizer muon: peak lr of what Muon does not train "
+                              "(biases, BatchNorm), of the mean loss (default: 0.053 × the "
+                              "batch size, airbench94_muon's lr of the summed loss)",
+                              group="training")
+    # airbench94_muon's head has 12.6 × the bias lr and divides its logits by the width;
+    # fastnet multiplies them by 1/9, which is (128/9)² ≈ 200× the lr: 12.6 / 200.
+    head_lr_mult: float = _f(0.0625, "--optimizer muon: the classifier's lr as a multiple "
+                             "of --sgd-lr", group="training")
     whiten_bias_epochs: int = _f(3, "epochs during which the whitening conv's bias trains "
                                  "(fastnet), then it is frozen", group="training")
     schedule: str = _f("linear", "lr schedule, stepped per batch: constant, onecycle "
                        "(warm-up, cosine to 0), linear (warm-up, linear decay to --lr-floor)",
                        choices=["constant", "onecycle", "linear"], group="training")
-    warmup: float = _f(0.23, "fraction of steps spent warming up (onecycle, linear)",
+    warmup: float = _f(0.0, "fraction of steps spent warming up (onecycle, linear)",
                        group="training")
-    lr_floor: float = _f(0.07, "final lr of the linear schedule, as a fraction of the peak",
+    lr_floor: float = _f(0.0, "final lr of the linear schedule, as a fraction of the peak",
                          group="training")
     label_smoothing: float = _f(0.2, "cross-entropy label smoothing", group="training")
     ema: float = _f(0.0, "decay of an exponential moving average of the weights, updated "
@@ -149,8 +162,12 @@ RECIPES: dict[str, dict[str, Any]] = {
                      warmup=0.0, label_smoothing=0.0, normalize=False, flip="none",
                      translate=0, cutout=0, tta=0, ema=0.0, norm_bias_lr_mult=1.0),
     # The default: the best accuracy per second of training found by benchmarks/frontier.py
-    # on this class of 2-core CPU (see benchmarks/RESULTS.md). Epochs scale with the data.
+    # on this class of 2-core CPU (see benchmarks/RESULTS.md): fastnet trained as
+    # airbench94_muon trains its net (Muon, linear decay to zero). Epochs scale with the data.
     "fast": dict(),
+    # Nesterov SGD with warm-up and BatchNorm biases at 64× the lr: the default before Muon
+    # (which also had fastnet at 32/128/128 on the CPU).
+    "fast-sgd": dict(optimizer="sgd", weight_decay=1.3e-3, warmup=0.23, lr_floor=0.07),
     # torchvision models (the default for tv:NAME): AdamW at a fine-tuning lr, warm-up then
     # cosine decay, no BatchNorm-bias boost (their new head starts at zero, models/tv.py).
     # The fast recipe's SGD at lr 0.2 is tuned for fastnet and makes a ResNet-18 diverge;
@@ -162,6 +179,12 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 DEFAULT_RECIPE = "fast"
+
+# The fast recipes: their batch sizes per device type, and their epochs at 4,000 training
+# images, more for less data and fewer for more (measured: benchmarks/RESULTS.md). Other
+# recipes name a batch size or take 128.
+FAST = {"fast": dict(batch={"cpu": 256, "cuda": 1024}, epochs=14),
+        "fast-sgd": dict(batch={"cpu": 128, "cuda": 1024}, epochs=20)}
 
 
 def default_recipe(model: str | None) -> str:
@@ -177,18 +200,21 @@ def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str) -> Confi
     CPU)."""
     changes = {}
     if cfg.epochs is None:
-        if cfg.recipe == "fast":
-            changes["epochs"] = int(round(min(40, max(10, 20 * (4000 / max(num_train, 1)) ** 0.4))))
+        if cfg.recipe in FAST:
+            base = FAST[cfg.recipe]["epochs"]
+            changes["epochs"] = int(round(min(2 * base, max(base / 2, base * (
+                4000 / max(num_train, 1)) ** 0.4))))
         else:
             changes["epochs"] = 10
     if cfg.batch_size is None:
-        changes["batch_size"] = 1024 if device_type == "cuda" and cfg.recipe == "fast" else 128
+        changes["batch_size"] = FAST.get(cfg.recipe, {}).get("batch", {}).get(device_type, 128)
+    batch = changes.get("batch_size", cfg.batch_size)
     if cfg.lr is None:
-        batch = changes.get("batch_size", cfg.batch_size)
-        changes["lr"] = 0.002 if cfg.optimizer == "adamw" else 0.2 * batch / 128
-    widths = model_entry(cfg.model).widths
-    if cfg.width is None and widths and device_type in widths:
-        changes["width"] = widths[device_type]
+        changes["lr"] = {"adamw": 0.002, "muon": 0.24}.get(cfg.optimizer, 0.2 * batch / 128)
+    if cfg.sgd_lr is None and cfg.optimizer == "muon":
+        changes["sgd_lr"] = 0.053 * batch
+    if cfg.width is None:
+        changes["width"] = model_entry(cfg.model).default_width(device_type, cfg.time_budget)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -219,8 +245,10 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, name) is not None and getattr(cfg, name) < low:
             raise SettingsError(f"--{name.replace('_', '-')} must be at least {low}, "
                               f"got {getattr(cfg, name)}")
-    if cfg.lr is not None and cfg.lr <= 0:
-        raise SettingsError(f"--lr must be positive, got {cfg.lr}")
+    for name in ("lr", "sgd_lr"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
+            raise SettingsError(f"--{name.replace('_', '-')} must be positive, got "
+                                f"{getattr(cfg, name)}")
     if cfg.val_fraction is not None and not 0 < cfg.val_fraction < 1:
         raise SettingsError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
     if cfg.dist_timeout <= 0:

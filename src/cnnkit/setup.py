@@ -141,6 +141,22 @@ def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runt
         f"time budget {budget:g}s at {late * 1000:.0f} ms/step: {total} steps")))
 
 
+def replan(run: "Run", seconds: list[float], steps_done: int, last_steps: int) -> int:
+    """A time budget re-planned after an epoch, at the pace of the epoch just trained: the
+    steps that fit in what is left of it, 1% kept in hand for the noise of that pace, so the
+    run ends close to the budget and not after it. The schedule stretches or shrinks to the
+    new end. Rank 0's plan is everyone's."""
+    pace = seconds[-1] / max(last_steps, 1)
+    left = int((0.99 * run.cfg.time_budget - sum(seconds)) / pace)
+    total = distributed.broadcast(run.dist, steps_done + max(0, left))
+    run.total_steps = total
+    for schedule in run.step.scheduler.lr_lambdas:
+        schedule.total = total
+    epochs = -(-total // run.steps_per_epoch)
+    run.cfg = run.info.config = dataclasses.replace(run.cfg, epochs=epochs)
+    return total
+
+
 def check_processes(cfg: Config, device: torch.device, per_machine: int) -> None:
     """Settings that depend on how many processes train, checked before any start."""
     if cfg.sync_bn and device.type != "cuda":

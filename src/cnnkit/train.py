@@ -22,7 +22,8 @@ from .optim import current_lr
 from .progress import EpochTable, interactive
 from .report import write_report
 from .runs import RunFolder, TensorBoard, last_saved_epoch, save_epoch, write_config
-from .setup import Run, build_run, check_processes, preflight, resume_settings, wrapper
+from .setup import (Run, build_run, check_processes, preflight, replan, resume_settings,
+                    wrapper)
 
 
 @dataclass
@@ -103,6 +104,10 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
             f"{where}; run folder {run_dir}" + (f"; resuming after epoch {first_epoch - 1}"
                                                  if ckpt is not None else ""))
         final = _loop(run, result, first_epoch, steps_done, run_dir, log, progress, board)
+        if run.cfg.epochs != cfg.epochs:  # a time budget re-planned the run
+            result.config = run.cfg
+            if dist.main:
+                write_config(run_dir, run.info)
         if final is not None and dist.main:  # the pictures and report.html of the final model
             write_report(run_dir, evaluation=evaluation_record(
                 final.confusion, final.loss, ds.classes, ds.source, ds.val_name, final.probs,
@@ -125,9 +130,10 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
     net, trained = wrap(model), _trained_set(model)
     best = max((m["val_acc"] for m in result.metrics), default=-1.0)
     epoch, ev = first_epoch, None
+    replanning = cfg.time_budget is not None and first_epoch == 0  # a resume keeps its plan
     table = EpochTable(cfg.epochs, run.ds.val_name, top5=len(run.ds.classes) > 5)
     try:
-        for epoch in range(first_epoch, cfg.epochs):
+        while epoch < run.cfg.epochs:  # a time budget re-plans the epochs as it goes
             model.on_epoch(epoch, cfg)
             if dist.enabled:
                 if _trained_set(model) != trained:
@@ -140,18 +146,23 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
                 stats = train_one_epoch(net, run.train_data, step, batch_size=cfg.batch_size,
                                         epoch=epoch, generator=run.generator, progress=progress,
                                         max_batches=run.total_steps - steps_done,
-                                        epochs=cfg.epochs)
+                                        epochs=run.cfg.epochs)
             except NonFiniteLoss as e:
                 raise CnnkitError(f"training diverged: {e}; the checkpoints in {run_dir} "
                                   f"are from before it (try a lower --lr)") from None
             synchronize(runtime)
             seconds = time.perf_counter() - start
             lr = current_lr(step.scheduler, cfg.lr)
-            steps_done += min(run.steps_per_epoch, run.total_steps - steps_done)
+            trained_steps = min(run.steps_per_epoch, run.total_steps - steps_done)
+            steps_done += trained_steps
+            if replanning:
+                replan(run, [m["seconds"] for m in result.metrics] + [seconds], steps_done,
+                       trained_steps)
+                table.epochs = run.cfg.epochs
             evaluated = step.ema.module if step.ema is not None else model
             distributed.sync_buffers(dist, evaluated)
             start = time.perf_counter()
-            last = epoch == cfg.epochs - 1  # test-time augmentation: final epoch only
+            last = steps_done >= run.total_steps  # test-time augmentation: final epoch only
             ev = evaluate_split(evaluated, run.val_data, mean=step.mean, std=step.std,
                                 runtime=runtime, num_classes=len(run.ds.classes),
                                 batch_size=cfg.eval_batch_size, tta=cfg.tta if last else 0,
@@ -178,6 +189,7 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
                     f"{cfg.patience} epochs (best {best:.4f}, kept in best.pt); train every "
                     "epoch without --patience")
                 break
+            epoch += 1
     except KeyboardInterrupt:
         saved = last_saved_epoch(run_dir)
         kept = (f"epoch {saved} is saved; resume with: cnnkit train --resume {run_dir}"
