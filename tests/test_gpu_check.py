@@ -1,15 +1,18 @@
 """The GPU check (benchmarks/gpu_check.sh) in its CPU dry run: the same steps at tiny sizes,
 so the script is known to work on the day a GPU is lent."""
 import json
+import os
 import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_dry_run_runs_every_step(tmp_path):
+def test_gpu_check_dry_run_runs_every_step(tmp_path, cifar_subset):
+    env = {**os.environ, "CNNKIT_SHARED_DATA": str(cifar_subset.parents[1])}
     p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run",
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=540)
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=540,
+                       env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     steps = report["steps"]
