@@ -151,7 +151,10 @@ def test_a_killed_rank_ends_the_job_and_resume_takes_any_process_count(tmp_path)
     launcher = subprocess.Popen(
         [sys.executable, "-m", "cnnkit", "train", "--nproc", "2", "--data", "digits",
          "--model", "seed-simple", "--image-size", "32", "--epochs", "8", "--batch-size",
-         "32", "--lr", "0.05", "--device", "cpu", "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         "32", "--lr", "0.05", "--device", "cpu", "--out", str(run),
+         # SGD: Muon's normalized updates magnify 1-vs-2-process rounding past the
+         # few-image tolerance below
+         "--optimizer", "sgd"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=ENV)
     for line in launcher.stdout:  # epoch 0 is saved; epoch 1 has begun
         if line.split()[:1] == ["1/8"]:

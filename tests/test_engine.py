@@ -69,10 +69,10 @@ def test_fast_recipe_is_the_default():
 
 
 @pytest.mark.parametrize("recipe,device,n,expect", [
-    ("fast", "cpu", 4000, dict(epochs=14, batch_size=256, width="40,160,160", lr=0.24,
+    ("fast", "cpu", 4000, dict(epochs=16, batch_size=256, width="40,160,160", lr=0.24,
                               sgd_lr=0.053 * 256)),
-    ("fast", "cuda", 50_000, dict(epochs=7, batch_size=1024, width="64,256,256")),
-    ("fast", "cpu", 500, dict(epochs=28)),  # little data: more epochs, at most twice
+    ("fast", "cuda", 50_000, dict(epochs=8, batch_size=1024, width="64,256,256")),
+    ("fast", "cpu", 500, dict(epochs=32)),  # little data: more epochs, at most twice
     ("fast-sgd", "cpu", 4000, dict(epochs=20, batch_size=128, lr=0.2, optimizer="sgd",
                                   sgd_lr=None, warmup=0.23)),
     ("tutorial", "cpu", 4000, dict(epochs=10, batch_size=32, lr=0.001)),
@@ -182,3 +182,13 @@ def test_a_time_budget_is_replanned_at_the_pace_of_the_last_epoch():
     assert scheduler.state_dict()["lr_lambdas"][0]["total"] == 89
     # over budget already: no step more
     assert replan(run, [2.0, 9.0], 30, 10) == 30 and run.cfg.epochs == 3
+
+
+def test_batch_order_drops_the_smaller_last_batch_when_asked():
+    from cnnkit.engine import batch_order
+    sizes = lambda **kw: [len(b) for b in batch_order(10, 4, torch.Generator(), **kw)]  # noqa: E731
+    assert sizes() == [4, 4, 2] and sizes(drop_last=True) == [4, 4]
+    assert sizes(world=2) == [4, 4]  # 2 images cannot give 2 processes 2 each
+    assert sorted(torch.cat(batch_order(10, 5, torch.Generator(), drop_last=True)).tolist()) \
+        == list(range(10))  # nothing dropped when the batches divide the data
+    assert make_config().drop_last and not make_config(recipe="fast-sgd").drop_last

@@ -422,7 +422,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    notes = {DEFAULT_RECIPE: "the default; the Config's own defaults",
+    notes = {DEFAULT_RECIPE: "the default: the Config's own defaults, and these",
              "fast-sgd": "the default before Muon",
              "finetune": "the default for tv: models"}
     for name, settings in RECIPES.items():

@@ -109,7 +109,8 @@ def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runt
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     step = TrainStep(optimizer, scheduler, augment, mean, std, runtime, cfg.label_smoothing,
                      dist=dist, scaler=runtime.grad_scaler())
-    kw = dict(batch_size=cfg.batch_size, epoch=0, generator=generator)
+    kw = dict(batch_size=cfg.batch_size, epoch=0, generator=generator,
+              drop_last=cfg.drop_last)
     # A model may train more in its first epochs (fastnet's whitening bias) or less (a
     # frozen backbone): both phases are timed.
     early_epochs = trial.warmup_epochs(cfg)
@@ -207,7 +208,8 @@ def build_run(cfg: Config, ckpt: dict | None, dist, runtime: Runtime) -> Run:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(runtime.device, memory_format=runtime.memory_format)
     train_data, val_data = to_device(ds.train, runtime, dist), to_device(ds.val, runtime, dist)
-    per_epoch = len(batch_order(len(train_data), cfg.batch_size, torch.Generator(), dist.world))
+    per_epoch = len(batch_order(len(train_data), cfg.batch_size, torch.Generator(), dist.world,
+                                cfg.drop_last))
     augment = Augment(cfg.flip, cfg.translate, cfg.cutout)
     if ckpt is not None:
         total = ckpt["train_state"]["total_steps"]

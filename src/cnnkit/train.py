@@ -146,7 +146,7 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
                 stats = train_one_epoch(net, run.train_data, step, batch_size=cfg.batch_size,
                                         epoch=epoch, generator=run.generator, progress=progress,
                                         max_batches=run.total_steps - steps_done,
-                                        epochs=run.cfg.epochs)
+                                        epochs=run.cfg.epochs, drop_last=cfg.drop_last)
             except NonFiniteLoss as e:
                 raise CnnkitError(f"training diverged: {e}; the checkpoints in {run_dir} "
                                   f"are from before it (try a lower --lr)") from None
