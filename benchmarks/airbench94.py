@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cnnkit.optim import newton_schulz  # the same iteration and coefficients
 from cnnkit.transforms import Augment
 
 HYP = dict(batch_size=1024, epochs=9.9, lr=11.5, momentum=0.85, weight_decay=0.0153,
@@ -130,20 +131,6 @@ class Lookahead:
 MUON_HYP = dict(batch_size=2000, epochs=8, filter_lr=0.24, muon_momentum=0.6, bias_lr=0.053,
                 head_lr=0.67, weight_decay=2e-6, sgd_momentum=0.85, label_smoothing=0.2,
                 whiten_bias_epochs=3, widths=(64, 256, 256), ns_steps=3, tta=2)
-
-
-def newton_schulz(g: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
-    """An approximately orthogonal matrix with g's singular vectors: a quintic iteration
-    that pushes every singular value of g / |g| towards 1."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g / (g.norm() + eps)
-    tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
 
 
 class AnchorMuon(torch.optim.Optimizer):

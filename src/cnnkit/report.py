@@ -38,18 +38,20 @@ def write_report(out: Path, *, evaluation: dict, images: torch.Tensor, labels: t
     classes = evaluation["classes"]
     confusion = torch.tensor(evaluation["confusion_matrix"])
     top = top_losses(probs, labels.cpu(), min(top_k, len(labels)))
-    drawings = [  # (title, file, how), drawn in this order under one progress bar
-        ("Training curves", "curves.png", lambda p: plot_curves(metrics, p)),
+    drawings = []  # (title, file, how), drawn in this order under one progress bar
+    if metrics:
+        drawings.append(("Training curves", "curves.png", lambda p: plot_curves(metrics, p)))
+    drawings += [
         ("Confusion matrix", "confusion.png", lambda p: plot_confusion(confusion, classes, p)),
         ("Accuracy per class", "per-class.png",
          lambda p: plot_per_class(evaluation["per_class_accuracy"], p)),
         ("Top losses", "top-losses.png",
-         lambda p: plot_top_losses(images.cpu(), top, classes, p)),
-        # inside the network: first-layer filters, Grad-CAM of the worst-classified
-        ("First-layer filters", "filters.png", lambda p: Path(filters(model, p)["file"])),
-        ("Grad-CAM of the worst-classified images", "gradcam-worst.png",
-         lambda p: worst_cams(model, images.cpu(), top[:8], p))]
-    drawings = drawings[(0 if metrics else 1):(None if model is not None else -2)]
+         lambda p: plot_top_losses(images.cpu(), top, classes, p))]
+    if model is not None:  # inside the network: first-layer filters, Grad-CAM of the worst
+        drawings += [
+            ("First-layer filters", "filters.png", lambda p: Path(filters(model, p)["file"])),
+            ("Grad-CAM of the worst-classified images", "gradcam-worst.png",
+             lambda p: worst_cams(model, images.cpu(), top[:8], p))]
     pictures = {title: draw(out / name) for title, name, draw in
                 bar(drawings, desc="drawing the report", unit="picture")}
     confused = most_confused(confusion, classes)
