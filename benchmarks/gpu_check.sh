@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 # scikit-learn, matplotlib, onnx, onnxruntime, safetensors, tqdm, pandas, httpx, pytest).
 WHEELS="fastapi starlette pydantic pydantic-core annotated-types typing-inspection
         typing-extensions opentelemetry-api annotated-doc uvicorn python-multipart captum
-        torchinfo"
+        torchinfo onnxscript onnx-ir ml-dtypes pyyaml uvloop httptools"
 
 if [ "${1:-}" = "--prepare" ]; then
     shared=${CNNKIT_SHARED_DATA:-../shared/data}
@@ -34,7 +34,7 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
-if ls .gpu/whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import fastapi, captum, torchinfo" 2>/dev/null
+if ls .gpu/whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import fastapi, captum, torchinfo, onnxscript, yaml" 2>/dev/null
 then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/cnnkit-site .gpu/whl/*.whl

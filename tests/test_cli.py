@@ -205,6 +205,26 @@ def test_config_of_a_finished_run_repeats_it(png_run, tmp_path, monkeypatch, cap
     assert main(["train", "--config", str(tmp_path / "nope.json")]) == 2
 
 
+def test_config_from_a_yaml_file(tmp_path, capsys):
+    chosen = tmp_path / "mine.yaml"
+    chosen.write_text("# a YAML file of chosen settings\ndata: digits\nepochs: 1\n"
+                      "width: 8,16,16\noptimizer: sgd\nlr: 0.05\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(chosen), "--seed", "3", "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["data"], saved["epochs"], saved["optimizer"], saved["lr"], saved["seed"]) \
+        == ("digits", 1, "sgd", 0.05, 3)
+    assert f"settings: 5 from {chosen}" in capsys.readouterr().err
+    bad = tmp_path / "bad.yml"
+    bad.write_text("epochs: [1\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "not a readable YAML file" in capsys.readouterr().err
+    code = tmp_path / "code.yaml"  # safe_load: a tag that would build an object is refused
+    code.write_text("epochs: !!python/object/apply:os.system ['echo hacked']\n")
+    assert main(["train", "--config", str(code)]) == 2
+    assert "hacked" not in capsys.readouterr().out
+
+
 def test_epoch_table_has_a_header_and_one_row_per_epoch(tmp_path):
     lines = []
     cnnkit.train(data="digits", epochs=3, width="8,16,16", out=str(tmp_path / "r"),

@@ -80,3 +80,68 @@ def test_an_export_that_does_not_match_fails_naming_the_difference(png_run, tmp_
     with pytest.raises(CnnkitError, match=r"largest difference 0\.01"):
         export(png_run.run_dir, tmp_path / "bad.onnx", fmt="onnx")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_int8_export_is_quantized_measured_and_refused_past_its_threshold(png_run, png_sample,
+                                                                         tmp_path, capsys):
+    import onnx
+    out = tmp_path / "q.onnx"
+    assert main(["export", str(png_run.run_dir), "--out", str(out), "--int8",
+                 "--max-drop", "100"]) == 0
+    printed = capsys.readouterr().out
+    graph = onnx.load(str(out)).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
+
+    # The accuracy it reports is the file's own on the run's validation images.
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    report = json.loads(session.get_modelmeta().custom_metadata_map["int8"])
+    lm = cnnkit.load(png_run.run_dir)
+    val = lm.info.load_data().val
+    images, labels = val.head(len(val)), val.subset(range(len(val))).labels
+    right = (session.run(None, {"pixels": images.numpy()})[0].argmax(1) == labels.numpy())
+    assert report["images"] == len(val) and report["int8_accuracy"] == right.mean()
+    with torch.no_grad():
+        float_right = (lm.model(to_input(images, lm.mean, lm.std)).argmax(1) == labels)
+    # onnxruntime's float and PyTorch may split a near-tie differently: one image at most
+    assert abs(report["float_accuracy"] - float(float_right.float().mean())) <= 1 / len(val)
+    assert f"drop {report['drop_points']:.2f} points" in printed
+
+    # The same export with a threshold just under its drop is refused and leaves nothing.
+    refused = tmp_path / "refused.onnx"
+    assert main(["export", str(png_run.run_dir), "--out", str(refused), "--int8",
+                 "--max-drop", f"{report['drop_points'] - 0.01:.4f}"]) == 1
+    err = capsys.readouterr().err
+    assert "int8 export refused" in err and f"{report['float_accuracy']:.4f}" in err
+    assert not refused.exists() and not list(tmp_path.glob("refused*"))
+
+    # predict and serve take the int8 file
+    paths = sorted(png_sample.rglob("*.png"))[:4]
+    results = cnnkit.predict(out, paths, top_k=3)
+    assert [r["file"] for r in results] == [str(p) for p in paths]
+    assert all(0 < r["predictions"][0]["probability"] <= 1 for r in results)
+    from fastapi.testclient import TestClient
+    from cnnkit.serve import create_app
+    with TestClient(create_app(out)) as client:
+        r = client.post("/predict", files=[("files", (p.name, p.read_bytes())) for p in paths])
+    assert r.status_code == 200
+    assert [a["predictions"][0]["class"] for a in r.json()] == \
+        [b["predictions"][0]["class"] for b in results]
+
+
+def test_int8_needs_onnx(png_run, tmp_path, capsys):
+    assert main(["export", str(png_run.run_dir), "--out", str(tmp_path / "m.pt"),
+                 "--format", "torchscript", "--int8"]) == 2
+    assert "--int8 quantizes ONNX exports" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", cnnkit.list_models() + ["tv:mobilenet_v3_small"])
+def test_every_model_exports_to_onnx_through_torch_export(name, tmp_path):
+    """The dynamo exporter takes every registered model (and a torchvision one), and the
+    export matches PyTorch to 1e-4 at batch 1 and a larger batch (checked on writing)."""
+    run = cnnkit.train(data="digits", model=name, epochs=1, batch_size=256,
+                       width="8,16,16" if name == "fastnet" else None,
+                       out=str(tmp_path / "run"), log=lambda s: None).run_dir
+    out = export(run, tmp_path / "m.onnx")
+    assert out.stat().st_size > 0 and not list(tmp_path.glob("*.data"))

@@ -1,9 +1,12 @@
 """The real server on a free localhost port: answers, limits, and the web page in Chromium."""
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -19,21 +22,26 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def server(png_run):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "serve", str(png_run.run_dir),
-                             "--port", str(port), "--max-upload-mb", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.communicate()
+    proc, url = _start(png_run.run_dir, "--max-upload-mb", "1")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def _start(run_dir, *flags):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "serve", str(run_dir), "--port",
+                             str(port), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+    raise AssertionError("the server did not start")
 
 
 def _post(url, *files, **params):
@@ -108,3 +116,50 @@ def test_page_in_headless_chromium_shows_the_apis_top_class(server, png_sample, 
         page.screenshot(path=str(tmp_path / "page.png"))
         browser.close()
     assert shown == api_top
+
+
+def test_concurrent_requests_share_forward_passes_and_sigterm_finishes_them(png_run,
+                                                                           png_sample):
+    """Requests sent together are batched (fewer forward passes than images) and answered
+    as they are alone; SIGTERM with a request half-sent lets it finish, then exits 0."""
+    paths = sorted(png_sample.rglob("*.png"))[:32]
+    alone = {r["file"].split("/")[-1]: r for r in
+             cnnkit.predict(png_run.run_dir, paths, top_k=10, device="cpu", batch_size=1)}
+    proc, url = _start(png_run.run_dir, "--max-wait-ms", "20")
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda p: _post(url, (p.name, p.read_bytes()), top_k=10),
+                                    paths))
+        for r in answers:
+            assert r.status_code == 200
+            got = r.json()[0]
+            want = {p["class"]: p["probability"] for p in alone[got["file"]]["predictions"]}
+            assert {p["class"] for p in got["predictions"]} == want.keys()
+            assert all(p["probability"] == pytest.approx(want[p["class"]], abs=1e-5)
+                       for p in got["predictions"])
+
+        # a request whose body is still arriving when SIGTERM comes
+        image = paths[0].read_bytes()
+        body = (b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.png\""
+                b"\r\nContent-Type: image/png\r\n\r\n" + image + b"\r\n--b--\r\n")
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data;"
+                      b" boundary=b\r\nContent-Length: " + str(len(body)).encode() +
+                      b"\r\n\r\n" + body[:40])
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.poll() is None, "the server left before the request was answered"
+            s.sendall(body[40:])
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and b'"class"' in answer
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0, err
+    images, passes = map(int, re.search(r"(\d+) images answered in (\d+) forward passes",
+                                        out).groups())
+    assert images == len(paths) + 1 and passes < images, out

@@ -348,8 +348,12 @@ class OnnxModel:
         import onnxruntime
         self.session = onnxruntime.InferenceSession(str(path),
                                                     providers=["CPUExecutionProvider"])
-        props = self.session.get_modelmeta().custom_metadata_map
-        self.meta = {k: json.loads(v) for k, v in props.items()}
+        self.meta = {}
+        for key, value in self.session.get_modelmeta().custom_metadata_map.items():
+            try:  # cnnkit's entries are JSON; tools along the way may add plain strings
+                self.meta[key] = json.loads(value)
+            except ValueError:
+                self.meta[key] = value
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {"pixels": pixels.cpu().numpy()})[0]

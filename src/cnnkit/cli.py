@@ -79,12 +79,14 @@ EXAMPLES = {
   cnnkit lr-find --data mnist --recipe tutorial""",
     "export": """\
   cnnkit export runs/cifar10-fastnet --out model.onnx
+  cnnkit export runs/cifar10-fastnet --int8 --out model-int8.onnx   int8, measured
   cnnkit export runs/cifar10-fastnet --format torchscript --out model.pt
   cnnkit export runs/cifar10-fastnet --format safetensors --out model.safetensors
   cnnkit predict model.onnx cat.jpg                 use the export""",
     "serve": """\
   cnnkit serve runs/cifar10-fastnet                 http://127.0.0.1:8000
-  cnnkit serve model.onnx --port 8080
+  cnnkit serve model-int8.onnx --port 8080
+  cnnkit serve runs/cifar10-fastnet --max-batch 128 --max-wait-ms 5
   cnnkit serve runs/cifar10-fastnet --host 0.0.0.0  other machines too
   curl -F files=@cat.jpg http://127.0.0.1:8000/predict""",
 }
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
               "last.pt, best.pt, report.html). Any flag overrides the recipe's setting.")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
                    "completed epoch, with its own settings (and any number of processes)")
-    t.add_argument("--config", metavar="FILE", help="take settings from a JSON file: a run's "
+    t.add_argument("--config", metavar="FILE", help="take settings from a JSON or YAML file: a run's "
                    "config.json repeats that run (same seed, same data); flags typed here win")
     groups = _config_flags(t)
     groups["distributed"].add_argument(
@@ -198,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="default 8000")
     sv.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB",
                     help="largest image accepted (default 10)")
+    sv.add_argument("--max-files", type=int, default=64, metavar="N",
+                    help="most images in one request (default 64)")
+    sv.add_argument("--max-batch", type=int, default=64, metavar="N",
+                    help="most images, from concurrent requests, in one forward pass "
+                    "(default 64)")
+    sv.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
+                    help="how long a batch waits for requests still being decoded to join "
+                    "it; without other requests in flight it never waits (default 2)")
     sv.add_argument("--device", default="auto", help=DEVICE_HELP)
     sv.set_defaults(func=cmd_serve)
 
@@ -245,9 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     x = _verb(sub, "export", "write a run's weights in another format")
     x.add_argument("run", help="a run folder or checkpoint file")
     x.add_argument("--format", default="onnx", metavar="{onnx,torchscript,safetensors}",
-                   help="onnx (default) and torchscript take uint8 pixels, include "
+                   help="onnx (default; written by torch.export) and torchscript (deprecated "
+                   "by PyTorch; kept while it ships) take uint8 pixels, include "
                    "normalization and carry the class names; safetensors is the weights")
     x.add_argument("--out", required=True, help="the file to write (never overwritten)")
+    x.add_argument("--int8", action="store_true",
+                   help="onnx: quantize to int8 with onnxruntime, calibrated on the run's "
+                   "training images; refused if validation accuracy drops too far")
+    x.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
+                   help="with --int8: the most validation accuracy, in percentage points, "
+                   "that quantization may lose (default 1)")
     x.set_defaults(func=cmd_export)
     return p
 
@@ -349,8 +366,14 @@ def cmd_runs(args) -> int:
 
 def cmd_serve(args) -> int:
     from .serve import serve
+    for flag in ("max_files", "max_batch"):
+        if getattr(args, flag) < 1:
+            raise SettingsError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.max_wait_ms < 0:
+        raise SettingsError("--max-wait-ms must be 0 or more")
     serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-          device=args.device)
+          device=args.device, max_files=args.max_files, max_batch=args.max_batch,
+          max_wait_ms=args.max_wait_ms)
     return 0
 
 
@@ -414,9 +437,16 @@ def cmd_models(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import export
-    out = export(args.run, args.out, fmt=args.format)
-    verified = "" if args.format == "safetensors" else \
-        " (verified against PyTorch on real images: logits within 1e-4)"
+    out = export(args.run, args.out, fmt=args.format, int8=args.int8, max_drop=args.max_drop)
+    if args.int8:
+        from .checkpoint import OnnxModel
+        r = OnnxModel(out).meta["int8"]
+        verified = (f" (int8: validation accuracy {r['int8_accuracy']:.4f} against "
+                    f"{r['float_accuracy']:.4f} in float, drop {r['drop_points']:.2f} points, "
+                    f"top-1 agreement {r['agreement']:.4f} on {r['images']} images)")
+    else:
+        verified = "" if args.format == "safetensors" else \
+            " (verified against PyTorch on real images: logits within 1e-4)"
     print(f"saved {out}{verified}")
     return 0
 

@@ -284,18 +284,23 @@ def parse_widths(text: str | None) -> tuple[int, ...] | None:
 
 
 def settings_from_file(path: str) -> dict:
-    """The Config fields in a JSON file: a run's config.json (which repeats that run: its
-    data from where it really is, its resolved settings) or a file of chosen settings.
-    `out` is left out, so a repeat gets a run folder of its own."""
+    """The Config fields in a JSON or YAML file (.yaml, .yml): a run's config.json (which
+    repeats that run: its data from where it really is, its resolved settings) or a file of
+    chosen settings. `out` is left out, so a repeat gets a run folder of its own."""
+    kind = "YAML" if str(path).lower().endswith((".yaml", ".yml")) else "JSON"
+    import yaml  # only here: `import cnnkit` stays light
     try:
         with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+            # safe_load: plain data only, a YAML file cannot run code
+            saved = yaml.safe_load(f) if kind == "YAML" else json.load(f)
     except FileNotFoundError:
         raise SettingsError(f"--config {path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise SettingsError(f"--config {path}: not a readable JSON file ({e})") from None
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SettingsError(f"--config {path}: not a readable {kind} file ({first})") from None
     if not isinstance(saved, dict):
-        raise SettingsError(f"--config {path}: expected a JSON object of settings")
+        raise SettingsError(f"--config {path}: expected a {kind} mapping of settings, like "
+                            "'epochs: 10'")
     fields = set(field_names())
     unknown = sorted(k for k in saved if k not in fields) if "data_source" not in saved else []
     if unknown:

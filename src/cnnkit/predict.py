@@ -90,6 +90,17 @@ def _decode(item, lm: LoadedModel):
                       (str(e).splitlines()[0] if str(e) else type(e).__name__))
 
 
+def decode_batch(pool: ThreadPoolExecutor, items: list, lm: LoadedModel):
+    """Start decoding `items` in `pool`, a chunk per worker (one task per image would cost
+    more in futures than a small image costs to decode); returns a callable that waits and
+    gives [(tensor or None, error or None)] in order."""
+    workers = max(1, pool._max_workers)
+    size = -(-len(items) // workers) or 1
+    chunks = [pool.submit(lambda chunk: [_decode(item, lm) for item in chunk],
+                          items[i:i + size]) for i in range(0, len(items), size)]
+    return lambda: [d for chunk in chunks for d in chunk.result()]
+
+
 def iter_predictions(lm: LoadedModel, items: list, *, top_k: int, runtime: Runtime,
                      batch_size: int = 64) -> Iterator[dict]:
     """Results in input order, a batch at a time: the next batch decodes in the thread pool
@@ -98,16 +109,15 @@ def iter_predictions(lm: LoadedModel, items: list, *, top_k: int, runtime: Runti
     known = set(lm.classes)
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        def decode_all(batch):  # submitted at once; results come in order
-            return pool.map(lambda item: _decode(item, lm), batch)
-        upcoming = decode_all(batches[0]) if batches else None
+        upcoming = decode_batch(pool, batches[0], lm) if batches else None
         for i, batch in enumerate(batches):
-            decoded = list(upcoming)
+            decoded = upcoming()
             if i + 1 < len(batches):
-                upcoming = decode_all(batches[i + 1])
+                upcoming = decode_batch(pool, batches[i + 1], lm)
             tensors = [x for x, _ in decoded if x is not None]
-            top = predict_tensor(lm, torch.stack(tensors), runtime).topk(k, dim=1) \
-                if tensors else None
+            if tensors:
+                top = predict_tensor(lm, torch.stack(tensors), runtime).topk(k, dim=1)
+                values, indices = top.values.tolist(), top.indices.tolist()
             j = 0
             for item, (x, error) in zip(batch, decoded):
                 name = item["file"] if isinstance(item, dict) else \
@@ -117,7 +127,7 @@ def iter_predictions(lm: LoadedModel, items: list, *, top_k: int, runtime: Runti
                     continue
                 result = {"file": name, "predictions": [
                     {"class": lm.classes[c], "probability": p}
-                    for p, c in zip(top.values[j].tolist(), top.indices[j].tolist())]}
+                    for p, c in zip(values[j], indices[j])]}
                 if isinstance(item, Path) and item.parent.name in known:
                     result["label"] = item.parent.name
                 j += 1
