@@ -110,7 +110,8 @@ def test_model_sizes_are_the_known_architectures():
     assert abs(count(cnnkit.create_model("resnet9")) - 6_573_120) < 10_000
 
 
-@pytest.mark.parametrize("name", list_models() + ["tv:mobilenet_v3_small"])
+@pytest.mark.parametrize("name", list_models() + ["tv:mobilenet_v3_small",
+                                                  "timm:mobilenetv3_small_100"])
 def test_every_model_fulfils_the_contract(name):
     """What the training code relies on, for every model (as timm's tests do): the
     classifier can be found and replaced, and the hooks run."""

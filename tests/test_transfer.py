@@ -5,7 +5,10 @@ import torchvision
 
 import cnnkit
 from cnnkit.cli import main
+from cnnkit.device import select_runtime
 from cnnkit.engine import balanced_weights
+from cnnkit.setup import prepare
+from conftest import shared_data
 
 
 def test_mobilenet_at_224_on_the_png_sample(png_sample, tmp_path):
@@ -39,7 +42,7 @@ def test_local_torchvision_weights_load_and_frozen_backbone_stays_bitwise(tmp_pa
     torch.manual_seed(0)
     fresh = cnnkit.create_model("tv:mobilenet_v3_small", in_channels=1, image_size=32)
     assert not torch.equal(state["head.weight"], fresh.head.weight)  # the head learned
-    free = cnnkit.train(epochs=1, out=str(tmp_path / "free"), **settings)
+    free = cnnkit.train(epochs=1, freeze_epochs=0, out=str(tmp_path / "free"), **settings)
     state = torch.load(free.run_dir / "last.pt", weights_only=True)["state_dict"]
     assert not all(torch.equal(state["net." + k], reference[k]) for k in body)
 
@@ -126,3 +129,90 @@ def test_a_new_torchvision_head_starts_at_zero():
     assert torch.equal(model.eval()(x), torch.zeros(2, 3))  # every class equally likely
     model.reset_classifier(5)
     assert model(x).shape == (2, 5) and not model.head.weight.any()
+
+
+@pytest.mark.parametrize("name", ["tv:resnet18", "timm:mobilenetv3_small_100"])
+def test_fine_tune_from_a_local_state_dict_at_224(name, hymenoptera, tmp_path, png_sample):
+    """A torchvision and a timm model start from a state_dict saved as their library saves
+    it; frozen epochs leave every backbone tensor bitwise as loaded (no gradient reaches
+    it) while the head learns; the run exports to ONNX and predicts."""
+    import timm
+    torch.manual_seed(1)
+    library = timm.create_model(name[5:]) if name.startswith("timm:") else \
+        torchvision.models.get_model(name[3:])
+    path = tmp_path / "weights.pth"
+    torch.save(library.state_dict(), path)
+    result = cnnkit.train(data=str(hymenoptera), model=name, image_size=224, epochs=2,
+                          freeze_epochs=2, weights=str(path), out=str(tmp_path / "r"), seed=0,
+                          log=lambda s: None)
+    assert result.config.recipe == "finetune"
+    losses = [m["train_loss"] for m in result.metrics]
+    assert losses[1] < losses[0], losses
+    lm = cnnkit.load(result.run_dir)
+    body = {k[4:]: v for k, v in lm.model.state_dict().items() if k.startswith("net.")}
+    reference = library.state_dict()
+    assert body and all(torch.equal(v, reference[k]) for k, v in body.items())
+    model = lm.model.train()
+    model.set_frozen(True)
+    assert not model.forward_features(torch.rand(2, 3, 64, 64)).requires_grad
+    onnx_file = cnnkit.export(result.run_dir, tmp_path / "m.onnx")
+    images = sorted(png_sample.rglob("*.png"))[:3]
+    assert [r["predictions"][0]["class"] for r in cnnkit.predict(onnx_file, images)] == \
+        [r["predictions"][0]["class"] for r in cnnkit.predict(result.run_dir, images)]
+
+
+def test_weights_of_the_library_bring_its_normalization_and_a_frozen_first_epoch(tmp_path):
+    import timm
+    path = tmp_path / "w.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), path)
+    cfg, ds, model, _, mean, std = prepare(
+        cnnkit.make_config(data=str(shared_data() / "cifar10-png-sample"),
+                           model="timm:resnet18", weights=str(path), image_size=32),
+        select_runtime("cpu"))
+    assert mean == pytest.approx([0.485, 0.456, 0.406]) and cfg.freeze_epochs == 1
+    assert cnnkit.make_config(model="timm:resnet18").freeze_epochs is None  # filled later
+
+
+def test_linear_probe_equals_an_independent_logistic_regression(png_sample, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from cnnkit.transforms import to_input
+    import timm
+    path = tmp_path / "w.pth"
+    torch.manual_seed(2)
+    torch.save(timm.create_model("resnet18").state_dict(), path)
+    result = cnnkit.train(data=str(png_sample), model="timm:resnet18", image_size=32,
+                          weights=str(path), linear_probe=True, out=str(tmp_path / "probe"),
+                          seed=0, log=lambda s: None)
+    assert result.config.epochs == 1 and len(result.metrics) == 1
+    lm = cnnkit.load(result.run_dir)
+    ds = lm.info.load_data()
+    model = lm.model.eval()
+    with torch.no_grad():
+        train = model.forward_features(to_input(ds.train.head(len(ds.train)), lm.mean, lm.std))
+        val = model.forward_features(to_input(ds.val.head(len(ds.val)), lm.mean, lm.std))
+        ours = model.forward_head(val).softmax(1).double()
+    mu, sigma = train.double().mean(0), train.double().std(0).clamp_min(1e-6)
+    labels = ds.train.subset(range(len(ds.train))).labels
+    fit = LogisticRegression(C=1.0, max_iter=2000).fit(((train - mu) / sigma).numpy(),
+                                                        labels.numpy())
+    theirs = torch.as_tensor(fit.predict_proba(((val.double() - mu) / sigma).numpy()))
+    assert (ours - theirs).abs().max() < 2e-3
+    # the backbone is the loaded one, untouched
+    reference = torch.load(path, weights_only=True)
+    assert all(torch.equal(v, reference[k[4:]]) for k, v in lm.model.state_dict().items()
+               if k.startswith("net."))
+
+
+def test_timm_models_are_listed_and_offline_weights_fail_in_one_line(capsys, monkeypatch):
+    assert main(["models", "--timm", "mobilenetv3_small*"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert "timm:mobilenetv3_small_100" in listed and all(n.startswith("timm:") for n in listed)
+    assert main(["models", "--timm", "no-such-net*"]) == 1
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # no network here: refused at once
+    assert main(["train", "--data", "digits", "--model", "timm:resnet18", "--pretrained",
+                 "--epochs", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--weights FILE" in err[0], err
+    assert main(["train", "--data", "digits", "--model", "timm:resnet1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean timm:resnet" in err[0] and len(err[0]) < 300, err

@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.set_defaults(func=cmd_compare)
 
     m = sub.add_parser("models", help="list the registered models")
+    m.add_argument("--timm", metavar="PATTERN", nargs="?", const="*",
+                   help="list timm's models matching PATTERN (e.g. 'resnet*')")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
 
@@ -418,7 +420,13 @@ def cmd_compare(args) -> int:
 
 def cmd_models(args) -> int:
     from .models import list_models, model_entry
+    from .models import timm_models, tv
     from .summary import model_stats
+    if args.timm is not None:
+        found = timm_models.names(args.timm)
+        print(json.dumps(found, indent=2) if args.json else "\n".join(found) or
+              f"no timm model matches {args.timm!r} (patterns like 'resnet*', '*mobilenet*')")
+        return 0 if found else 1
     rows = [{"name": n, "description": model_entry(n).description, **model_stats(n)}
             for n in list_models()]
     if args.json:
@@ -429,9 +437,10 @@ def cmd_models(args) -> int:
     for r in rows:
         print(f"{r['name']:<14}{r['parameters']:>12,}{r['flops'] / 1e6:>12.1f}  "
               f"{r['description']}")
-    from .models.tv import tv_names
     print("\ntorchvision models for transfer learning (--model tv:NAME, --pretrained):\n  "
-          + " ".join(tv_names()))
+          + " ".join(tv.names()))
+    print(f"\ntimm's {len(timm_models.names())} models: --model timm:NAME; list them with "
+          "`cnnkit models --timm PATTERN` (e.g. 'resnet*')")
     return 0
 
 
@@ -454,7 +463,7 @@ def cmd_export(args) -> int:
 def cmd_recipes(args) -> int:
     notes = {DEFAULT_RECIPE: "the default: the Config's own defaults, and these",
              "fast-sgd": "the default before Muon",
-             "finetune": "the default for tv: models"}
+             "finetune": "the default for tv: and timm: models"}
     for name, settings in RECIPES.items():
         note = f"  ({notes[name]})" if name in notes else ""
         print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + note)

@@ -60,11 +60,20 @@ class Config:
     weights: str | None = _f(None, "start from these weights: a cnnkit checkpoint (.pt) or "
                              ".safetensors file for the same model and classes", group="model",
                              metavar="FILE")
-    pretrained: bool = _f(False, "tv: models: start from torchvision's ImageNet weights "
-                          "(downloaded once; image size and normalization follow them)",
+    pretrained: bool = _f(False, "tv: and timm: models: start from the library's pretrained "
+                          "weights (downloaded once; image size and normalization follow "
+                          "them)",
                           group="model")
-    freeze_epochs: int = _f(0, "tv: models: train only the new head for this many epochs, "
-                            "backbone and its BatchNorm statistics frozen", group="model")
+    freeze_epochs: int | None = _f(None, "tv: and timm: models: train only the new head for "
+                                   "this many epochs, backbone and its BatchNorm statistics "
+                                   "frozen (default: 1 when starting from pretrained weights "
+                                   "with the finetune recipe, as fastai's fine_tune; else 0)",
+                                   group="model")
+    linear_probe: bool = _f(False, "tv: and timm: models: fit only the new head, as a "
+                            "logistic regression (scikit-learn) on the backbone's features "
+                            "of every training image, computed once without augmentation: "
+                            "one 'epoch' of seconds; fine-tune after it with --weights "
+                            "RUN/best.pt", group="model")
     backbone_lr_mult: float = _f(0.1, "lr multiplier of a pretrained or once-frozen "
                                  "backbone", group="training")
     balance: bool = _f(False, "weight the loss by inverse class frequency", group="training")
@@ -146,7 +155,7 @@ class Config:
     out: str | None = _f(None, "run folder (default runs/<data>-<model>[-N]); never overwritten",
                          group="output", metavar="DIR")
     recipe: str = _f("fast", "named set of defaults (see `cnnkit recipes`; default: fast, or "
-                     "finetune for tv: models)", group="training", metavar="NAME")
+                     "finetune for tv: and timm: models)", group="training", metavar="NAME")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -217,6 +226,11 @@ def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str) -> Confi
         changes["sgd_lr"] = 0.053 * batch
     if cfg.width is None:
         changes["width"] = model_entry(cfg.model).default_width(device_type, cfg.time_budget)
+    if cfg.freeze_epochs is None:
+        # fine-tuning pretrained weights: the new head first, on a frozen backbone
+        changes["freeze_epochs"] = int(cfg.recipe == "finetune" and bool(
+            cfg.pretrained or cfg.weights) and not cfg.linear_probe and
+            model_entry(cfg.model).pretrained_info is not None)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -235,6 +249,8 @@ def make_config(recipe: str | None = None, **overrides: Any) -> Config:
         raise SettingsError(f"unknown setting(s) {', '.join(sorted(unknown))}; "
                           f"valid settings: {', '.join(field_names())}")
     values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+    if values.get("linear_probe") and overrides.get("epochs") is None:
+        values["epochs"] = 1  # a probe is one pass: the recipe's epochs do not apply
     cfg = Config(recipe=recipe, **values)
     validate(cfg)
     return cfg
@@ -259,9 +275,14 @@ def validate(cfg: Config) -> None:
         raise SettingsError(f"--time-budget must be positive seconds, got {cfg.time_budget}")
     if cfg.width is not None:
         parse_widths(cfg.width)
-    if (cfg.pretrained or cfg.freeze_epochs) and model_entry(cfg.model).pretrained_info is None:
-        raise SettingsError("--pretrained and --freeze-epochs are for torchvision models: "
-                            "--model tv:NAME (e.g. tv:resnet18)")
+    if cfg.linear_probe and cfg.epochs not in (None, 1):
+        raise SettingsError("--linear-probe fits the head once: drop --epochs (to fine-tune "
+                            "after it, train again with --weights RUN/best.pt)")
+    if (cfg.pretrained or cfg.freeze_epochs or cfg.linear_probe) and \
+            model_entry(cfg.model).pretrained_info is None:
+        raise SettingsError("--pretrained, --freeze-epochs and --linear-probe are for "
+                            "torchvision and timm models: --model tv:NAME or timm:NAME "
+                            "(e.g. tv:resnet18)")
     if cfg.image_size is not None and cfg.image_size < 1:
         raise SettingsError(f"--image-size must be positive, got {cfg.image_size}")
     for f in dataclasses.fields(Config):

@@ -197,6 +197,42 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int, mirror: bool = Tru
     return 0.5 * logits + 0.5 * moved
 
 
+@torch.no_grad()
+def linear_probe(model: nn.Module, data: Split, *, mean, std, runtime: Runtime,
+                 batch_size: int, progress: bool = False, c: float = 1.0) -> EpochStats:
+    """Fit the classifier alone: the features of every training image, computed once in
+    eval mode and without augmentation, then an L2-regularised multinomial logistic
+    regression on them (scikit-learn's lbfgs, C=`c`, on standardized features, as CLIP's
+    linear probes do); its weights are written into the model's classifier."""
+    from sklearn.linear_model import LogisticRegression  # only here: it is slow to import
+    model.eval()
+    batches = torch.arange(len(data)).split(batch_size)
+    features, labels = [], []
+    for _, images, y in bar(data.iterate(batches, runtime.device), total=len(batches),
+                            desc="features", unit="batch", enabled=progress):
+        x = to_input(images, mean, std, memory_format=runtime.memory_format)
+        features.append(model.forward_features(x).float().flatten(1).cpu())
+        labels.append(y.cpu())
+    f, y = torch.cat(features).double(), torch.cat(labels)
+    mu, sigma = f.mean(0), f.std(0).clamp_min(1e-6)
+    fit = LogisticRegression(C=c, max_iter=2000).fit(((f - mu) / sigma).numpy(), y.numpy())
+    coef = torch.as_tensor(fit.coef_, dtype=torch.float64)
+    intercept = torch.as_tensor(fit.intercept_, dtype=torch.float64)
+    if len(fit.classes_) == 2:  # sklearn's binary form: one row, for its second class
+        coef, intercept = torch.cat([torch.zeros_like(coef), coef]), \
+            torch.cat([torch.zeros_like(intercept), intercept])
+    head = model.get_classifier()
+    weight = torch.zeros_like(head.weight, dtype=torch.float64)
+    bias = torch.full_like(head.bias, -30.0, dtype=torch.float64)  # classes never seen
+    rows = torch.as_tensor(fit.classes_, dtype=torch.long)
+    weight[rows], bias[rows] = coef / sigma, intercept - (coef * mu / sigma).sum(1)
+    head.weight.copy_(weight)
+    head.bias.copy_(bias)
+    probs = torch.as_tensor(fit.predict_proba(((f - mu) / sigma).numpy()))
+    loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), torch.searchsorted(rows, y)))
+    return EpochStats(loss, float((rows[probs.argmax(1)] == y).double().mean()))
+
+
 @torch.inference_mode()
 def evaluate_split(model: nn.Module, data: Split, *, mean, std, runtime: Runtime, num_classes: int,
              batch_size: int = 500, tta: int = 0, mirror: bool = True,

@@ -88,7 +88,7 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
               {"params": norm_params, "weight_decay": 0.0,
                # a from-scratch trick (airbench); a pretrained backbone's norms stay as they are
                "lr": cfg.lr * (1.0 if body else cfg.norm_bias_lr_mult)}]
-    if body and (cfg.pretrained or cfg.freeze_epochs):
+    if body and (cfg.pretrained or cfg.weights or cfg.freeze_epochs):
         # fastai's fine_tune: a pretrained backbone learns more slowly than the new head
         groups = [dict(g, params=[p for p in g["params"] if (id(p) in body) == is_body],
                        lr=g.get("lr", cfg.lr) * (cfg.backbone_lr_mult if is_body else 1.0))

@@ -72,11 +72,20 @@ def start_weights(model, cfg: Config, ds: Dataset) -> None:
                  cfg.weights)
 
 
+def pretrained_form(cfg: Config) -> bool:
+    """Whether the run starts from the model family's pretrained weights: --pretrained, or
+    --weights holding a state_dict as torchvision or timm save them (its offline form)."""
+    if model_entry(cfg.model).pretrained_info is None:
+        return False
+    return cfg.pretrained or bool(cfg.weights) and not is_checkpoint(
+        read_weights_file(cfg.weights))
+
+
 def prepare(cfg: Config, runtime: Runtime):
     """The data and the freshly initialised model a run with these settings trains:
     (config with the recipe's open settings filled, dataset, model, model args, mean, std)."""
     norm = None
-    if cfg.pretrained:  # the weights' own input size and normalization, unless given
+    if pretrained_form(cfg):  # the weights' own input size and normalization, unless given
         info = model_entry(cfg.model).pretrained_info()
         cfg = dataclasses.replace(cfg, image_size=cfg.image_size or info["image_size"])
         norm = info["mean"], info["std"]

@@ -15,7 +15,7 @@ from . import distributed
 from .checkpoint import build_checkpoint, load, restore_training_state, training_state
 from .config import Config, make_config
 from .device import Runtime, select_runtime, synchronize
-from .engine import EvalResult, NonFiniteLoss, evaluate_split, train_one_epoch
+from .engine import EvalResult, NonFiniteLoss, evaluate_split, linear_probe, train_one_epoch
 from .errors import CnnkitError, Interrupted, SettingsError
 from .metrics import evaluation_record
 from .optim import current_lr
@@ -143,10 +143,13 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
                 torch.manual_seed(hash((cfg.seed, epoch, dist.rank)) % 2**63)
             start = time.perf_counter()
             try:
-                stats = train_one_epoch(net, run.train_data, step, batch_size=cfg.batch_size,
-                                        epoch=epoch, generator=run.generator, progress=progress,
-                                        max_batches=run.total_steps - steps_done,
-                                        epochs=run.cfg.epochs, drop_last=cfg.drop_last)
+                stats = linear_probe(model, run.train_data, mean=step.mean, std=step.std,
+                                     runtime=runtime, batch_size=cfg.batch_size,
+                                     progress=progress) if cfg.linear_probe else \
+                    train_one_epoch(net, run.train_data, step, batch_size=cfg.batch_size,
+                                    epoch=epoch, generator=run.generator, progress=progress,
+                                    max_batches=run.total_steps - steps_done,
+                                    epochs=run.cfg.epochs, drop_last=cfg.drop_last)
             except NonFiniteLoss as e:
                 raise CnnkitError(f"training diverged: {e}; the checkpoints in {run_dir} "
                                   f"are from before it (try a lower --lr)") from None
@@ -162,7 +165,8 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
             evaluated = step.ema.module if step.ema is not None else model
             distributed.sync_buffers(dist, evaluated)
             start = time.perf_counter()
-            last = steps_done >= run.total_steps  # test-time augmentation: final epoch only
+            # test-time augmentation: final epoch only
+            last = steps_done >= run.total_steps or cfg.linear_probe
             ev = evaluate_split(evaluated, run.val_data, mean=step.mean, std=step.std,
                                 runtime=runtime, num_classes=len(run.ds.classes),
                                 batch_size=cfg.eval_batch_size, tta=cfg.tta if last else 0,

@@ -63,3 +63,77 @@ class Classifier(nn.Module):
         1000-class head) into the body. Models without one refuse."""
         raise SettingsError(f"{source}: this model has no pretrained form; pass a cnnkit "
                             "checkpoint or .safetensors file of the same model")
+
+
+class PretrainedNet(Classifier):
+    """A model of another library (torchvision, timm) as `net`, whose own classifier is
+    replaced by `head`, a Linear layer for the data set's classes: the shape transfer
+    learning takes. Subclasses build `net` (returning pooled features) and map the family's
+    saved state_dicts onto it (`load_pretrained`)."""
+
+    def __init__(self, net: nn.Module, features: int, num_classes: int, in_channels: int):
+        super().__init__()
+        self.net = net
+        self.head = nn.Linear(features, num_classes)
+        self._zero_head()
+        self.in_channels = in_channels
+        self.frozen = False
+
+    def _zero_head(self) -> None:
+        # The new head starts at zero (as BiT's fine-tuning does): every class equally
+        # likely, and no random projection of the features to unlearn (measured:
+        # benchmarks/RESULTS.md, section 6).
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        super().reset_classifier(num_classes)
+        self._zero_head()
+
+    def forward_features(self, x):
+        if self.in_channels == 1:  # ImageNet models take RGB: repeat a grey channel
+            x = x.expand(-1, 3, -1, -1)
+        if self.frozen:
+            # Nothing of the backbone trains: no graph is kept and no backward runs
+            # through it, so a frozen epoch costs a forward pass of it, not three.
+            with torch.no_grad():
+                return self.net(x)
+        return self.net(x)
+
+    def forward_head(self, x):
+        return self.head(x)
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.parameters())
+
+    def warmup_epochs(self, cfg) -> int:
+        return cfg.freeze_epochs
+
+    def on_epoch(self, epoch: int, cfg) -> None:
+        self.set_frozen(epoch < cfg.freeze_epochs)
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Freeze the backbone (weights and BatchNorm statistics) or release it."""
+        self.frozen = frozen
+        for p in self.net.parameters():
+            p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.net.eval()  # BatchNorm statistics stay as pretrained
+        return self
+
+    def load_body(self, body: dict, source: str, family: str) -> None:
+        """Load a state_dict with the family's classifier already left out into `net`,
+        or fail naming how it does not fit."""
+        own = self.net.state_dict()
+        missing = [k for k in own if k not in body]
+        wrong = [k for k in body if k not in own or body[k].shape != own[k].shape]
+        if missing or wrong:
+            key = (missing or wrong)[0]
+            raise SettingsError(f"{source} does not fit this {family} model "
+                                f"({len(missing)} tensors missing, {len(wrong)} unexpected or "
+                                f"of another shape, e.g. {key})")
+        self.net.load_state_dict(body, strict=True)

@@ -5,6 +5,7 @@ splits `forward_features` (the convolutional body) from `forward_head` (the clas
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -12,7 +13,7 @@ from typing import Callable
 import torch.nn as nn
 
 from ..errors import SettingsError, unknown_choice
-from . import tv
+from . import timm_models, tv
 
 
 @dataclass(frozen=True)
@@ -59,18 +60,27 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# Other libraries' model zoos, by prefix: (module, what the family is called)
+FAMILIES = {tv.PREFIX: (tv, "torchvision"), timm_models.PREFIX: (timm_models, "timm")}
+
+
 def model_entry(name: str) -> ModelEntry:
-    if name.startswith(tv.PREFIX):
-        if name not in tv.tv_names():
-            raise unknown_choice("torchvision model", name, tv.tv_names())
-        short = name[len(tv.PREFIX):]
-        return ModelEntry(name, lambda num_classes, in_channels, image_size:
-                          tv.build(name, num_classes, in_channels), "torchvision " + short,
-                          recipe="finetune",
-                          pretrained_info=lambda: tv.pretrained_info(short),
-                          pretrained_state=lambda: tv.pretrained_state(short))
+    for prefix, (family, title) in FAMILIES.items():
+        if name.startswith(prefix):
+            if name not in family.names():
+                close = difflib.get_close_matches(name, family.names(), n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise SettingsError(f"unknown {title} model {name!r}{hint}; list them with: "
+                                    f"cnnkit models{' --timm PATTERN' if title == 'timm' else ''}")
+            short = name[len(prefix):]
+            return ModelEntry(name, lambda num_classes, in_channels, image_size:
+                              family.build(name, num_classes, in_channels),
+                              f"{title} {short}", recipe="finetune",
+                              pretrained_info=lambda: family.pretrained_info(short),
+                              pretrained_state=lambda: family.pretrained_state(short))
     if name not in _REGISTRY:
-        raise unknown_choice("model", name, list_models() + ["tv:NAME (see cnnkit models)"])
+        raise unknown_choice("model", name, list_models() + [
+            "tv:NAME, timm:NAME (see cnnkit models)"])
     return _REGISTRY[name]
 
 
