@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from .version import __version__
-from .config import (DEFAULT_RECIPE, GROUPS, RECIPES, Config, make_config,
+from .config import (DEFAULT_RECIPE, GROUPS, RECIPES, Config, fill_recipe_defaults, make_config,
                      settings_from_file)
 from .distributed import from_env, quiet_unless_main
 from .errors import CnnkitError, Interrupted, SettingsError, one_line_warnings
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--seed", type=int, default=0)
     sb.add_argument("--augmented", action="store_true",
                     help="show the images after the recipe's training augmentation")
+    sb.add_argument("--augment", choices=["cifar", "photo", "none"],
+                    help="augmentation preset (default: photo from 64 pixels, else cifar)")
     sb.add_argument("--recipe", help="recipe whose augmentation --augmented shows "
                     "(default: the default recipe)")
     for flag in ("flip", "translate", "cutout"):
@@ -342,8 +344,9 @@ def cmd_show_batch(args) -> int:
     augment = None
     if args.augmented:
         cfg = make_config(recipe=args.recipe, flip=args.flip, translate=args.translate,
-                          cutout=args.cutout)
-        augment = Augment(cfg.flip, cfg.translate, cfg.cutout)
+                          cutout=args.cutout, augment=args.augment)
+        size = args.image_size or 32
+        augment = Augment.from_config(fill_recipe_defaults(cfg, 0, "cpu", (size, size)))
     out = show_batch(args.data, args.out, n=args.n, seed=args.seed, data_dir=args.data_dir,
                      image_size=args.image_size, augment=augment)
     print(f"saved {out}")

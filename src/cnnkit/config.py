@@ -6,6 +6,7 @@ explained and repeated. The CLI builds its `train` flags from these fields.
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +135,18 @@ class Config:
                         group="augmentation")
     cutout: int = _f(0, "cut out a random PX×PX square from each image (0: off)",
                      group="augmentation")
+    augment: str | None = _f(None, "augmentation preset: cifar (the recipe's flips, shifts "
+                             "and cutout), photo (random-resized crops, ±10° rotation, "
+                             "colour jitter, flips), none; default: photo for images of "
+                             "64 pixels or more, else cifar",
+                             choices=["cifar", "photo", "none"], group="augmentation")
+    crop_scale: float | None = _f(None, "random-resized crop: the smallest fraction of the "
+                                  "image's area a crop takes (1: off; the photo preset: "
+                                  "0.35)", group="augmentation", metavar="FRACTION")
+    rotate: float | None = _f(None, "random rotation by up to DEG degrees (the photo "
+                              "preset: 10)", group="augmentation", metavar="DEG")
+    jitter: float | None = _f(None, "brightness, contrast and saturation each × (1 ± J) "
+                              "(the photo preset: 0.2)", group="augmentation", metavar="J")
     tta: int = _f(2, "test-time augmentation when evaluating: 0 none, 1 flip, "
                   "2 flip and 1-pixel translations", choices=[0, 1, 2], group="evaluation")
     compile: bool = _f(False, "torch.compile the model (CUDA)", group="training")
@@ -204,12 +217,30 @@ def default_recipe(model: str | None) -> str:
     return model_entry(model).recipe if model else DEFAULT_RECIPE
 
 
-def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str) -> Config:
+# Augmentation presets (--augment): what each sets where the user gave no value.
+# Measured on hymenoptera (benchmarks/photos.py, RESULTS section 13).
+AUGMENT = {
+    "cifar": dict(crop_scale=1.0, rotate=0.0, jitter=0.0),
+    "photo": dict(crop_scale=0.35, rotate=10.0, jitter=0.2, translate=0, cutout=0),
+    "none": dict(crop_scale=1.0, rotate=0.0, jitter=0.0, translate=0, cutout=0, flip="none"),
+}
+
+
+def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str,
+                         image_size: tuple[int, int] = (32, 32)) -> Config:
     """Settings a recipe leaves to the data and the machine, filled in where the user gave
     none: the number of epochs grows as the data set shrinks (each pass holds fewer steps),
-    and a model may have widths of its own per device type (fastnet's are narrower on the
-    CPU)."""
+    a model may have widths of its own per device type (fastnet's are narrower on the
+    CPU), and the augmentation preset follows the image size."""
     changes = {}
+    preset = cfg.augment or ("photo" if min(image_size) >= 64 else "cifar")
+    changes["augment"] = preset
+    for name, value in AUGMENT[preset].items():
+        if name in ("crop_scale", "rotate", "jitter"):
+            if getattr(cfg, name) is None:
+                changes[name] = value
+        else:  # the preset replaces the recipe's shifts, cutout (and, for none, flips)
+            changes[name] = value
     if cfg.epochs is None:
         if cfg.recipe in FAST:
             base = FAST[cfg.recipe]["epochs"]
@@ -218,7 +249,12 @@ def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str) -> Confi
         else:
             changes["epochs"] = 10
     if cfg.batch_size is None:
-        changes["batch_size"] = FAST.get(cfg.recipe, {}).get("batch", {}).get(device_type, 128)
+        batch = FAST.get(cfg.recipe, {}).get("batch", {}).get(device_type, 128)
+        if cfg.recipe in FAST and num_train < 2048:
+            # A small data set gets about 8 steps an epoch: on hymenoptera's 245 photos
+            # batch 32 beat 256 by 4 points (benchmarks/RESULTS.md section 13)
+            batch = min(batch, max(32, 2 ** round(math.log2(max(num_train, 1) / 8))))
+        changes["batch_size"] = batch
     batch = changes.get("batch_size", cfg.batch_size)
     if cfg.lr is None:
         changes["lr"] = {"adamw": 0.002, "muon": 0.24}.get(cfg.optimizer, 0.2 * batch / 128)

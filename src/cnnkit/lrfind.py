@@ -89,8 +89,8 @@ def lr_find(out: str | Path = "lr-find.png", *, steps: int = 100, start: float =
     model.to(runtime.device, memory_format=runtime.memory_format)
     weights = balanced_weights(ds.train.labels, len(ds.classes)).to(runtime.device) \
         if cfg.balance else None
-    step = TrainStep(build_optimizer(model, cfg), None, Augment(cfg.flip, cfg.translate,
-                     cfg.cutout), mean, std, runtime, cfg.label_smoothing, weights, cfg.seed,
+    step = TrainStep(build_optimizer(model, cfg), None, Augment.from_config(cfg, mean, std),
+                     mean, std, runtime, cfg.label_smoothing, weights, cfg.seed,
                      scaler=runtime.grad_scaler())
     result = lr_range_test(model, to_device(ds.train, runtime), step,
                            batch_size=cfg.batch_size, base_lr=cfg.lr, start=start, end=end,

@@ -93,7 +93,7 @@ def prepare(cfg: Config, runtime: Runtime):
                       val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict,
                       stream=True if cfg.stream else None, max_memory=cfg.max_memory,
                       channels=cfg.channels)
-    cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type)
+    cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type, ds.image_size)
     torch.manual_seed(cfg.seed)
     model_args = {"widths": list(parse_widths(cfg.width))} if cfg.width else {}
     model = create_model(cfg.model, num_classes=len(ds.classes), in_channels=ds.in_channels,
@@ -219,7 +219,7 @@ def build_run(cfg: Config, ckpt: dict | None, dist, runtime: Runtime) -> Run:
     train_data, val_data = to_device(ds.train, runtime, dist), to_device(ds.val, runtime, dist)
     per_epoch = len(batch_order(len(train_data), cfg.batch_size, torch.Generator(), dist.world,
                                 cfg.drop_last))
-    augment = Augment(cfg.flip, cfg.translate, cfg.cutout)
+    augment = Augment.from_config(cfg, mean, std)
     if ckpt is not None:
         total = ckpt["train_state"]["total_steps"]
         plan = f"{total} steps"

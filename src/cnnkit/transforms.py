@@ -5,9 +5,11 @@ and draw their randomness from an explicit generator so a seed fixes every epoch
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
@@ -45,10 +47,27 @@ class Augment:
     flip: str = "none"      # none | random | alternate (airbench: flip every other epoch)
     translate: int = 0      # max shift in pixels, reflect-padded
     cutout: int = 0         # side of the square zeroed out, 0 = off
+    # The photo preset: a random-resized crop (smallest area fraction; 1 = off) with a
+    # small rotation, as one affine warp per image, and colour jitter
+    crop_scale: float = 1.0
+    rotate: float = 0.0     # most degrees either way
+    jitter: float = 0.0     # brightness, contrast and saturation each × (1 ± jitter)
+    mean: tuple = (0.0,)    # the normalization of the batches it gets: colours are
+    std: tuple = (1.0,)     # jittered on the pixels' [0, 1] scale
+
+    @classmethod
+    def from_config(cls, cfg, mean=(0.0,), std=(1.0,)) -> "Augment":
+        return cls(cfg.flip, cfg.translate, cfg.cutout, cfg.crop_scale or 1.0,
+                   cfg.rotate or 0.0, cfg.jitter or 0.0, tuple(mean), tuple(std))
+
+    @property
+    def warps(self) -> bool:
+        return self.crop_scale < 1 or self.rotate > 0
 
     @property
     def active(self) -> bool:
-        return self.flip != "none" or self.translate > 0 or self.cutout > 0
+        return self.flip != "none" or self.translate > 0 or self.cutout > 0 or self.warps \
+            or self.jitter > 0
 
     def sample(self, n: int, size: tuple[int, int], generator: torch.Generator,
                device) -> dict[str, torch.Tensor]:
@@ -67,6 +86,11 @@ class Augment:
                                         device=device)
             draws["x0"] = torch.randint(-c // 2, w - c // 2, (n,), generator=generator,
                                         device=device)
+        if self.warps:  # area, log aspect ratio, centre (x, y), angle: one row per image
+            draws["warp"] = torch.rand(n, 5, generator=generator, device=device)
+        if self.jitter > 0:
+            draws["jitter"] = (torch.rand(n, 3, generator=generator, device=device) * 2 - 1) \
+                * self.jitter
         return draws
 
     def apply(self, x: torch.Tensor, index: torch.Tensor, epoch: int,
@@ -82,6 +106,13 @@ class Augment:
             x = flip_where(x, (base + epoch) % 2 == 1)
         if self.translate > 0:
             x = translate(x, self.translate, draws["dy"], draws["dx"])
+        if self.warps:
+            u = draws["warp"]
+            x = resized_crop(x, area=self.crop_scale + (1 - self.crop_scale) * u[:, 0],
+                             log_ratio=(u[:, 1] * 2 - 1) * math.log(4 / 3), cx=u[:, 2],
+                             cy=u[:, 3], degrees=(u[:, 4] * 2 - 1) * self.rotate)
+        if self.jitter > 0:
+            x = color_jitter(x, draws["jitter"], self.mean, self.std)
         if self.cutout > 0:
             x = cutout(x, self.cutout, draws["y0"], draws["x0"])
         return x
@@ -118,3 +149,40 @@ def cutout(x: torch.Tensor, size: int, y0: torch.Tensor, x0: torch.Tensor) -> to
     inside = ((ys >= y0.view(-1, 1, 1)) & (ys < (y0 + size).view(-1, 1, 1))
               & (xs >= x0.view(-1, 1, 1)) & (xs < (x0 + size).view(-1, 1, 1)))
     return x.masked_fill(inside.unsqueeze(1), 0)
+
+
+def resized_crop(x: torch.Tensor, *, area: torch.Tensor, log_ratio: torch.Tensor,
+                 cx: torch.Tensor, cy: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Each image's own random-resized crop, rotated, as one affine warp of the batch
+    (`affine_grid` + `grid_sample`, bilinear, reflection at the borders): a crop of
+    `area` (fraction of the image) and aspect ratio exp(`log_ratio`), centred at (`cx`,
+    `cy`) in [0, 1] of the room left, resized back to the input's size."""
+    n, _, h, w = x.shape
+    ratio = log_ratio.exp()
+    sw, sh = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
+    angle = degrees * (math.pi / 180)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([
+        torch.stack([sw * cos, -sh * sin * (h / w), (cx * 2 - 1) * (1 - sw)], 1),
+        torch.stack([sw * sin * (w / h), sh * cos, (cy * 2 - 1) * (1 - sh)], 1)], 1)
+    src = x if x.is_floating_point() else x.float()
+    grid = F.affine_grid(theta.to(src.dtype), [n, x.shape[1], h, w], align_corners=False)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="reflection",
+                        align_corners=False)
+    return out if x.is_floating_point() else out.round().clamp(0, 255).to(x.dtype)
+
+
+def color_jitter(x: torch.Tensor, amount: torch.Tensor, mean, std) -> torch.Tensor:
+    """Brightness, contrast and saturation of each image × (1 + its row of `amount`), on
+    the [0, 1] pixel scale of a batch normalized with `mean` and `std`."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    a = (1 + amount.to(x.dtype)).view(-1, 3, 1, 1)
+    p = (x * s + m) * a[:, 0:1]
+    grey = p.mean(dim=(1, 2, 3), keepdim=True)
+    p = (p - grey) * a[:, 1:2] + grey
+    if p.shape[1] == 3:
+        luma = (p * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype,
+                                 device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        p = (p - luma) * a[:, 2:3] + luma
+    return (p.clamp(0, 1) - m) / s
