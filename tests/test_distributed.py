@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -191,3 +192,57 @@ def test_a_killed_rank_ends_the_job_and_resume_takes_any_process_count(tmp_path)
     assert abs(first_two[2] - train_acc) * 1437 <= 3
     assert first_two[3] == pytest.approx(val_loss, rel=1e-2)
     assert abs(first_two[4] - val_acc) * 360 <= 3
+
+
+def _agents(run: Path, nnodes: str, epochs: int, *extra: str, dist_timeout: int = 60
+            ) -> list[subprocess.Popen]:
+    """Two torchrun agents on this machine meeting at a c10d rendezvous, as two machines
+    would (127.0.0.1 in place of the first machine's host name)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes,
+               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+               f"127.0.0.1:{port}", "--rdzv-id", f"cnnkit-test-{port}", *extra,
+               "-m", "cnnkit", "train", "--data", "digits", "--model", "seed-simple",
+               "--image-size", "32", "--epochs", str(epochs), "--batch-size", "32", "--lr",
+               "0.05", "--optimizer", "sgd", "--device", "cpu", "--dist-timeout",
+               str(dist_timeout), "--out", str(run)]
+    agents = []
+    for _ in range(2):
+        agents.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True, env=ENV, start_new_session=True))
+        # the first agent holds the rendezvous store (as the endpoint's machine would):
+        # the second starts once it listens
+        deadline = time.monotonic() + 60
+        while len(agents) == 1:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and agents[0].poll() is None
+                time.sleep(0.1)
+    return agents
+
+
+def _metrics(run: Path) -> list[list[float]]:
+    return [[float(v) for v in line.split(",")]
+            for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+
+
+def test_two_agents_are_one_job_like_two_processes(tmp_path):
+    """Two torchrun agents (--nnodes 2, c10d rendezvous): one run folder, written by global
+    rank 0, with the metrics of --nproc 2 (to the tolerance of 1 against N processes)."""
+    agents = _agents(tmp_path / "run", "2", 3)
+    outputs = [a.communicate(timeout=240) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sum("done: val accuracy" in out for out, _ in outputs) == 1  # rank 0 reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    local = _train("--data", "digits", "--model", "seed-simple", "--image-size", "32",
+                   "--epochs", "3", "--batch-size", "32", "--lr", "0.05", "--optimizer",
+                   "sgd", "--device", "cpu", "--out", tmp_path / "local", nproc=2)
+    assert local.returncode == 0, local.stderr
+    for a, b in zip(_metrics(tmp_path / "run"), _metrics(tmp_path / "local")):
+        assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-2)  # epoch, train loss
+        assert abs(a[2] - b[2]) * 1437 <= 3 and abs(a[4] - b[4]) * 360 <= 3  # accuracies
+

@@ -57,6 +57,11 @@ class PeerFailure(CnnkitError):
     """Another process of the job died or stopped answering; this one stops too."""
 
 
+def restart_count() -> int:
+    """How many times torchrun's elastic agent has restarted this job's workers."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def from_env() -> Dist:
     """The process's place in a torchrun job; a single process when not started by one."""
     if "WORLD_SIZE" not in os.environ:

@@ -3,6 +3,7 @@
 its class names and input size, and is verified against PyTorch when written."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -65,28 +66,18 @@ def export(run, out: str | Path, *, fmt: str = "onnx", check_images: torch.Tenso
     images = check_images if check_images is not None else _real_images(lm)
     example = images[:2]
     steps = bar(total=2, desc=f"writing {fmt}", unit="step")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if fmt == "onnx":
-                _write_onnx(wrapped, example, out, metadata(lm))
-            else:
-                traced = torch.jit.trace(wrapped, example)
-                traced.save(str(out), _extra_files={"cnnkit.json": json.dumps(metadata(lm))})
-            steps.update()
-            steps.set_description_str("verifying against PyTorch")
-            worst, scale = _largest_difference(wrapped, load_exported(out, fmt), images)
-            steps.update()
-    except CnnkitError:
-        out.unlink(missing_ok=True)
-        raise
-    except Exception as e:  # an exporter's failure: one line, nothing half-written left
-        out.unlink(missing_ok=True)
-        raise CnnkitError(f"{fmt} export of {lm.name} failed: "
-                          f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
-                          ) from None
-    finally:
-        steps.close()
+    with one_file_or_none(out, f"{fmt} export of {lm.name}"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "onnx":
+            _write_onnx(wrapped, example, out, metadata(lm))
+        else:
+            traced = torch.jit.trace(wrapped, example)
+            traced.save(str(out), _extra_files={"cnnkit.json": json.dumps(metadata(lm))})
+        steps.update()
+        steps.set_description_str("verifying against PyTorch")
+        worst, scale = _largest_difference(wrapped, load_exported(out, fmt), images)
+        steps.update()
+    steps.close()
     # float32 rounding grows with the logits: past 1, the tolerance is relative to them
     if worst > TOLERANCE * max(1.0, scale):
         out.unlink(missing_ok=True)
@@ -145,27 +136,20 @@ def export_int8(run, out: Path, max_drop: float) -> Path:
     float_file = out.with_name(out.name + ".float.tmp")
     prepared = out.with_name(out.name + ".prep.tmp")
     try:
-        export(run, float_file, fmt="onnx")
-        quant_pre_process(str(float_file), str(prepared), skip_symbolic_shape=True)
-        steps = bar(total=1, desc="calibrating int8", unit="step")
-        # reduce_range: 7-bit weights, because AVX2 without VNNI can saturate u8×s8 sums.
-        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
-                        activation_type=QuantType.QUInt8)
-        steps.close()
-        report = compare_on_val(OnnxModel(float_file), OnnxModel(out), data.val)
-        # the file carries what it was measured at: `cnnkit export` prints it from there
-        _add_metadata(out, metadata(lm) | {"int8": report | {
-            "calibration_images": len(calibration), "method": "onnxruntime static, QDQ, "
-            "per-channel int8 weights, uint8 activations"}})
-    except CnnkitError:
-        out.unlink(missing_ok=True)
-        raise
-    except Exception as e:  # the quantizer's failure: one line, nothing half-written left
-        out.unlink(missing_ok=True)
-        raise CnnkitError(f"int8 export of {lm.name} failed: "
-                          f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
-                          ) from None
+        with one_file_or_none(out, f"int8 export of {lm.name}"):
+            export(run, float_file, fmt="onnx")
+            quant_pre_process(str(float_file), str(prepared), skip_symbolic_shape=True)
+            steps = bar(total=1, desc="calibrating int8", unit="step")
+            # reduce_range: 7-bit weights, because AVX2 without VNNI can saturate u8×s8 sums.
+            quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8)
+            steps.close()
+            report = compare_on_val(OnnxModel(float_file), OnnxModel(out), data.val)
+            # the file carries what it was measured at: `cnnkit export` prints it from there
+            _add_metadata(out, metadata(lm) | {"int8": report | {
+                "calibration_images": len(calibration), "method": "onnxruntime static, QDQ, "
+                "per-channel int8 weights, uint8 activations"}})
     finally:
         root.setLevel(level)
         float_file.unlink(missing_ok=True)
@@ -178,6 +162,22 @@ def export_int8(run, out: Path, max_drop: float) -> Path:
             f"{report['drop_points']:.2f} points (most allowed {max_drop:g}: --max-drop); "
             f"top-1 agreement {report['agreement']:.4f}; nothing written")
     return out
+
+
+@contextlib.contextmanager
+def one_file_or_none(out: Path, what: str):
+    """Whatever fails inside leaves no file at `out`; an exporter's or quantizer's own error
+    becomes one line naming `what`."""
+    try:
+        yield
+    except CnnkitError:
+        out.unlink(missing_ok=True)
+        raise
+    except Exception as e:  # noqa: BLE001 - the libraries' errors have many types
+        out.unlink(missing_ok=True)
+        raise CnnkitError(f"{what} failed: "
+                          f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
+                          ) from None
 
 
 def compare_on_val(reference, quantized, val, batch_size: int = 256) -> dict:

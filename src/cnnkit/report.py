@@ -75,10 +75,9 @@ def show_batch(data: str, out: str | Path, *, n: int = 64, seed: int = 0,
     if augment is not None and augment.active:
         x = augment(images.float() / 255, index, 1, g, seed)
         images = (x * 255).round().clamp(0, 255).to(torch.uint8)
-        title += f" (augmented: flip {augment.flip}, translate {augment.translate}, " \
-                 f"cutout {augment.cutout}" + (f", crops from {augment.crop_scale:g} of the "
-                                               f"area, ±{augment.rotate:g}°, jitter "
-                                               f"{augment.jitter:g}" if augment.warps else "") + ")"
+        title += f" (augmented: flip {augment.flip}, " + (
+            f"crops ≥ {augment.crop_scale:g}, ±{augment.rotate:g}°, jitter {augment.jitter:g})"
+            if augment.warps else f"translate {augment.translate}, cutout {augment.cutout})")
     return image_grid(images, ds.train.labels[index], ds.classes, Path(out), title=title)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
+import shutil
 import json
 import signal
 import threading
@@ -72,6 +73,16 @@ class RunFolder:
             except FileExistsError:
                 continue
         raise CnnkitError(f"too many runs named {self.name} in {root}; pass --out")
+
+
+def clear_unstarted(path: Path) -> None:
+    """Empty a run folder that a job made and then died in before saving an epoch (what a
+    restart of the same job may do): only the files a start writes, never a checkpoint."""
+    if not path.is_dir() or any(path.glob("*.pt")):
+        return
+    for name in ("config.json", "metrics.csv"):
+        (path / name).unlink(missing_ok=True)
+    shutil.rmtree(path / "tensorboard", ignore_errors=True)
 
 
 def check_new_run_dir(path: Path) -> None:

@@ -21,7 +21,8 @@ from .metrics import evaluation_record
 from .optim import current_lr
 from .progress import EpochTable, interactive
 from .report import write_report
-from .runs import RunFolder, TensorBoard, last_saved_epoch, save_epoch, write_config
+from .runs import (RunFolder, TensorBoard, clear_unstarted, last_saved_epoch, save_epoch,
+                   write_config)
 from .setup import (Run, build_run, check_processes, preflight, replan, resume_settings,
                     wrapper)
 
@@ -48,6 +49,16 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     cross into other processes. Under torchrun, each process calls train() and takes its
     place in the job."""
     dist = distributed.from_env()
+    if resume is None and distributed.restart_count() > 0:
+        # torchrun's elastic agent restarted this job's workers (a rank died, a machine
+        # left): the same command again, so the run continues from its run folder.
+        wanted = config if config is not None else make_config(**overrides)
+        resume, note = resume_after_restart(wanted, dist)
+        if resume is not None:
+            config, overrides = None, {"device": wanted.device,
+                                       "dist_timeout": wanted.dist_timeout}
+        if note and dist.main:
+            log(note)
     if nproc is not None and not dist.enabled:
         if nproc < 1:
             raise SettingsError(f"--nproc must be at least 1, got {nproc}")
@@ -67,6 +78,23 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     with distributed.process_group(dist, runtime.device, cfg.dist_timeout):
         return _train(cfg, ckpt, resume, dist, runtime, log if dist.main else _silent,
                       progress and dist.main)
+
+
+def resume_after_restart(cfg: Config, dist: distributed.Dist) -> tuple[Path | None, str]:
+    """Where a restarted torchrun job resumes (its --out, when an epoch is saved there)
+    and the line that says so."""
+    restart = distributed.restart_count()
+    if cfg.out is None:
+        return None, (f"torchrun restarted the workers (restart {restart}), but without "
+                      "--out this run cannot find its folder: it starts again in a new one")
+    out = Path(cfg.out)
+    epoch = last_saved_epoch(out) if out.is_dir() else None
+    if epoch is None:
+        clear_unstarted(out)  # the first attempt died before its first epoch was saved
+        return None, (f"torchrun restarted the workers (restart {restart}) before an epoch "
+                      f"was saved: starting {out} again")
+    return out, (f"torchrun restarted the workers (restart {restart}): resuming {out} after "
+                 f"epoch {epoch + 1} with {dist.world} process{'es' if dist.world > 1 else ''}")
 
 
 def _silent(message: str) -> None:
