@@ -25,7 +25,7 @@ import torch.nn as nn
 from .version import __version__
 from .config import Config, field_names
 from .data import BUILTIN, Dataset, load_dataset
-from .errors import CnnkitError, SettingsError
+from .errors import CnnkitError, SettingsError, first_line
 from .models import create_model
 
 FORMAT = 2  # 1: cnnkit 0.1's checkpoints, the facts at the top level
@@ -256,7 +256,7 @@ def _torch_load(path: Path):
                           "file, or a damaged one)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CnnkitError(f"{path} is not a readable checkpoint "
-                          f"({str(e).splitlines()[0][:200]})") from None
+                          f"({first_line(e, 200)})") from None
 
 
 def read_run(run_dir: str | Path) -> tuple[RunInfo, dict]:

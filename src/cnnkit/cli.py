@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
               "last.pt, best.pt, report.html). Any flag overrides the recipe's setting.")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
                    "completed epoch, with its own settings (and any number of processes)")
-    t.add_argument("--config", metavar="FILE", help="take settings from a JSON or YAML file: a run's "
-                   "config.json repeats that run (same seed, same data); flags typed here win")
+    t.add_argument("--config", metavar="FILE", help="take settings from a JSON or YAML file: "
+                   "a run's config.json repeats that run (same seed, same data); flags typed "
+                   "here win")
     groups = _config_flags(t)
     groups["distributed"].add_argument(
         "--nproc", type=int, metavar="N", help="train with N processes on this machine (DDP: "

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SettingsError, unknown_choice
+from .errors import SettingsError, first_line, unknown_choice
 from .models import model_entry
 
 
@@ -353,8 +353,8 @@ def settings_from_file(path: str) -> dict:
     except FileNotFoundError:
         raise SettingsError(f"--config {path}: no such file") from None
     except (OSError, ValueError, yaml.YAMLError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SettingsError(f"--config {path}: not a readable {kind} file ({first})") from None
+        raise SettingsError(f"--config {path}: not a readable {kind} file ({first_line(e)})"
+                            ) from None
     if not isinstance(saved, dict):
         raise SettingsError(f"--config {path}: expected a {kind} mapping of settings, like "
                             "'epochs: 10'")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import CnnkitError, CnnkitWarning, DownloadError, SettingsError
+from .errors import CnnkitError, CnnkitWarning, DownloadError, SettingsError, first_line
 from .progress import bar
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tiff", ".tif")
@@ -526,8 +526,7 @@ def _download(name: str, root: Path):
         train = cls(str(root), train=True, download=True)
         test = cls(str(root), train=False, download=True)
     except (OSError, RuntimeError) as e:  # URLError and socket errors are OSErrors
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DownloadError(f"could not download {name} into {root} ({reason}); with no "
+        raise DownloadError(f"could not download {name} into {root} ({first_line(e)}); with no "
                             f"network, --data PATH takes a local copy") from None
 
     def split(ds) -> Split:

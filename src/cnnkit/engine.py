@@ -215,7 +215,8 @@ def linear_probe(model: nn.Module, data: Split, *, mean, std, runtime: Runtime,
         labels.append(y.cpu())
     f, y = torch.cat(features).double(), torch.cat(labels)
     mu, sigma = f.mean(0), f.std(0).clamp_min(1e-6)
-    fit = LogisticRegression(C=c, max_iter=2000).fit(((f - mu) / sigma).numpy(), y.numpy())
+    z = ((f - mu) / sigma).numpy()
+    fit = LogisticRegression(C=c, max_iter=2000).fit(z, y.numpy())
     coef = torch.as_tensor(fit.coef_, dtype=torch.float64)
     intercept = torch.as_tensor(fit.intercept_, dtype=torch.float64)
     if len(fit.classes_) == 2:  # sklearn's binary form: one row, for its second class
@@ -228,7 +229,7 @@ def linear_probe(model: nn.Module, data: Split, *, mean, std, runtime: Runtime,
     weight[rows], bias[rows] = coef / sigma, intercept - (coef * mu / sigma).sum(1)
     head.weight.copy_(weight)
     head.bias.copy_(bias)
-    probs = torch.as_tensor(fit.predict_proba(((f - mu) / sigma).numpy()))
+    probs = torch.as_tensor(fit.predict_proba(z))
     loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), torch.searchsorted(rows, y)))
     return EpochStats(loss, float((rows[probs.argmax(1)] == y).double().mean()))
 

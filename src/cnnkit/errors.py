@@ -30,6 +30,13 @@ class CnnkitWarning(UserWarning):
     """Something the user should know, which did not stop the job (e.g. skipped files)."""
 
 
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """A library's exception as one line for a one-line error: its message's first line
+    (cut at `limit` characters), or its type's name when it has no message."""
+    text = str(e)
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 def unknown_choice(kind: str, name, choices) -> SettingsError:
     """'unknown model 'resnt9' (did you mean resnet9?); choose one of: ...'"""
     choices = [str(c) for c in choices]

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .version import __version__
 from .checkpoint import LoadedModel, OnnxModel, load, read_checkpoint, save_safetensors
-from .errors import CnnkitError, SettingsError, unknown_choice
+from .errors import CnnkitError, SettingsError, first_line, unknown_choice
 from .progress import bar
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -137,7 +137,8 @@ def export_int8(run, out: Path, max_drop: float) -> Path:
     prepared = out.with_name(out.name + ".prep.tmp")
     try:
         with one_file_or_none(out, f"int8 export of {lm.name}"):
-            export(run, float_file, fmt="onnx")
+            # verified on the validation images already loaded, not read a second time
+            export(run, float_file, fmt="onnx", check_images=data.val.head(32))
             quant_pre_process(str(float_file), str(prepared), skip_symbolic_shape=True)
             steps = bar(total=1, desc="calibrating int8", unit="step")
             # reduce_range: 7-bit weights, because AVX2 without VNNI can saturate u8×s8 sums.
@@ -175,9 +176,7 @@ def one_file_or_none(out: Path, what: str):
         raise
     except Exception as e:  # noqa: BLE001 - the libraries' errors have many types
         out.unlink(missing_ok=True)
-        raise CnnkitError(f"{what} failed: "
-                          f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
-                          ) from None
+        raise CnnkitError(f"{what} failed: {first_line(e, 300)}") from None
 
 
 def compare_on_val(reference, quantized, val, batch_size: int = 256) -> dict:

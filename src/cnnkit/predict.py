@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from .checkpoint import LoadedModel, load
 from .data import IMAGE_EXTENSIONS, image_to_tensor, read_image
 from .device import Runtime, select_runtime
-from .errors import SettingsError
+from .errors import SettingsError, first_line
 from .progress import bar
 from .transforms import to_input
 
@@ -87,7 +87,7 @@ def _decode(item, lm: LoadedModel):
         return None, "no such file"
     except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         return None, ("not a readable image" if isinstance(e, UnidentifiedImageError) else
-                      (str(e).splitlines()[0] if str(e) else type(e).__name__))
+                      first_line(e))
 
 
 def decode_batch(pool: ThreadPoolExecutor, items: list, lm: LoadedModel):
@@ -105,7 +105,6 @@ def iter_predictions(lm: LoadedModel, items: list, *, top_k: int, runtime: Runti
                      batch_size: int = 64) -> Iterator[dict]:
     """Results in input order, a batch at a time: the next batch decodes in the thread pool
     while this one is inferred."""
-    k = max(1, min(top_k, len(lm.classes)))
     known = set(lm.classes)
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -116,8 +115,8 @@ def iter_predictions(lm: LoadedModel, items: list, *, top_k: int, runtime: Runti
                 upcoming = decode_batch(pool, batches[i + 1], lm)
             tensors = [x for x, _ in decoded if x is not None]
             if tensors:
-                top = predict_tensor(lm, torch.stack(tensors), runtime).topk(k, dim=1)
-                values, indices = top.values.tolist(), top.indices.tolist()
+                ranked = top_classes(lm, predict_tensor(lm, torch.stack(tensors), runtime),
+                                     top_k)
             j = 0
             for item, (x, error) in zip(batch, decoded):
                 name = item["file"] if isinstance(item, dict) else \
@@ -125,13 +124,18 @@ def iter_predictions(lm: LoadedModel, items: list, *, top_k: int, runtime: Runti
                 if x is None:
                     yield {"file": name, "error": error}
                     continue
-                result = {"file": name, "predictions": [
-                    {"class": lm.classes[c], "probability": p}
-                    for p, c in zip(values[j], indices[j])]}
+                result = {"file": name, "predictions": ranked[j]}
                 if isinstance(item, Path) and item.parent.name in known:
                     result["label"] = item.parent.name
                 j += 1
                 yield result
+
+
+def top_classes(lm: LoadedModel, probs: torch.Tensor, top_k: int) -> list[list[dict]]:
+    """Per image, its `top_k` classes as [{"class", "probability"}, ...], best first."""
+    top = probs.topk(max(1, min(top_k, len(lm.classes))), dim=1)
+    return [[{"class": lm.classes[c], "probability": p} for p, c in zip(values, indices)]
+            for values, indices in zip(top.values.tolist(), top.indices.tolist())]
 
 
 @torch.inference_mode()

@@ -32,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from .checkpoint import LoadedModel, load
 from .data import read_image
 from .device import select_runtime
-from .predict import predict_tensor
+from .errors import first_line
+from .predict import predict_tensor, top_classes
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -218,11 +219,8 @@ def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0,
                 None, decode_all, data, names)
         finally:
             batcher.decoding -= 1
-        top = (await batcher(images)).topk(max(1, min(top_k, len(lm.classes))), dim=1)
-        return [{"file": name, "predictions": [
-                    {"class": lm.classes[c], "probability": p}
-                    for p, c in zip(values.tolist(), indices.tolist())]}
-                for name, values, indices in zip(names, top.values, top.indices)]
+        ranked = top_classes(lm, await batcher(images), top_k)
+        return [{"file": name, "predictions": p} for name, p in zip(names, ranked)]
 
     def decode_all(data: list[bytes], names: list[str]) -> torch.Tensor:
         for blob, name in zip(data, names):
@@ -239,8 +237,7 @@ def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0,
             raise HTTPException(415, f"{name}: not an image (no image format recognised); "
                                 "send png, jpeg, gif, bmp, webp or tiff") from None
         except (OSError, ValueError, SyntaxError) as e:
-            raise HTTPException(415, f"{name}: not a readable image "
-                                f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+            raise HTTPException(415, f"{name}: not a readable image ({first_line(e, 120)})"
                                 ) from None
 
     @app.get("/", response_class=HTMLResponse)

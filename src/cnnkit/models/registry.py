@@ -71,7 +71,7 @@ def model_entry(name: str) -> ModelEntry:
                 close = difflib.get_close_matches(name, family.names(), n=1, cutoff=0.6)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 raise SettingsError(f"unknown {title} model {name!r}{hint}; list them with: "
-                                    f"cnnkit models{' --timm PATTERN' if title == 'timm' else ''}")
+                                    f"{family.LISTED_BY}")
             short = name[len(prefix):]
             return ModelEntry(name, lambda num_classes, in_channels, image_size:
                               family.build(name, num_classes, in_channels),

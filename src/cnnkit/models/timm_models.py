@@ -12,10 +12,11 @@ import io
 import os
 import socket
 
-from ..errors import DownloadError, SettingsError
+from ..errors import DownloadError, SettingsError, first_line
 from .base import PretrainedNet
 
 PREFIX = "timm:"
+LISTED_BY = "cnnkit models --timm PATTERN"
 
 
 def _timm():
@@ -75,9 +76,8 @@ def pretrained_state(name: str) -> dict:
         with contextlib.redirect_stderr(io.StringIO()):
             return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
     except Exception as e:  # noqa: BLE001 - the hub's offline errors have many types
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise DownloadError(f"could not download timm's pretrained weights of {name} "
-                            f"({reason}); with no network, pass --weights FILE with a local "
+                            f"({first_line(e, 200)}); with no network, pass --weights FILE with a local "
                             "copy (timm's state_dict, .pth or .safetensors)") from None
 
 

@@ -7,10 +7,11 @@ import io
 
 import torch.nn as nn
 
-from ..errors import DownloadError, SettingsError
+from ..errors import DownloadError, SettingsError, first_line
 from .base import PretrainedNet
 
 PREFIX = "tv:"
+LISTED_BY = "cnnkit models"
 NO_AUX = {"googlenet", "inception_v3"}  # built without auxiliary heads: one output
 
 
@@ -60,8 +61,8 @@ def pretrained_state(name: str) -> dict:
         with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's "Downloading:" line
             return weights.get_state_dict(progress=False)
     except (OSError, RuntimeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DownloadError(f"could not download the ImageNet weights of tv:{name} ({reason}); "
+        raise DownloadError(f"could not download the ImageNet weights of tv:{name} "
+                            f"({first_line(e)}); "
                             f"with no network, pass --weights FILE with a local copy") from None
 
 
