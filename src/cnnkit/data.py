@@ -35,13 +35,15 @@ DEFAULT_VAL_FRACTION = 0.2
 class Split:
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor  # int64 (N,)
+    files: list[Path] | None = None  # where each image was read from, for image files
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index) -> "Split":
         index = torch.as_tensor(index, dtype=torch.long)
-        return Split(self.images[index], self.labels[index])
+        files = [self.files[i] for i in index.tolist()] if self.files is not None else None
+        return Split(self.images[index], self.labels[index], files)
 
     def head(self, n: int) -> torch.Tensor:
         return self.images[:n]
@@ -177,7 +179,8 @@ def load_dataset(source: str, *, data_dir: str | None = None, image_size: int | 
 
     def adapt(split: Split) -> Split:
         images = convert_channels(split.images, channels) if channels else split.images
-        return Split(resize_images(images, image_size) if image_size else images, split.labels)
+        return Split(resize_images(images, image_size) if image_size else images, split.labels,
+                     split.files)
     train, test = adapt(train), (adapt(test) if test is not None else None)
     if test is not None and val_fraction is None:
         return Dataset(name, src, classes, train, test, "test")
@@ -371,7 +374,8 @@ def _decode_all(files, labels, size, strict: bool, where, channels: int = 3) -> 
     keep = _report_unreadable([d if isinstance(d, str) else None for d in decoded], strict,
                               where)
     return Split(torch.stack([decoded[i] for i in keep]),
-                 torch.tensor([labels[i] for i in keep], dtype=torch.long))
+                 torch.tensor([labels[i] for i in keep], dtype=torch.long),
+                 [Path(files[i]) for i in keep])
 
 
 def _check_readable(path: Path) -> str | None:
@@ -453,7 +457,7 @@ def _file_dataset(path: Path, size: int, strict: bool, val_fraction, seed, strea
                                           seed)
     val = train.subset(val_idx)
     if isinstance(val, StreamSplit):
-        val = Split(val.head(len(val)), val.labels)
+        val = Split(val.head(len(val)), val.labels, val.files)
     return Dataset(path.stem, src, classes, train.subset(train_idx), val, "val", notes,
                    test=held.get("test"), held_out=True)
 

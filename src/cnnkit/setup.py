@@ -81,18 +81,19 @@ def pretrained_form(cfg: Config) -> bool:
         read_weights_file(cfg.weights))
 
 
-def prepare(cfg: Config, runtime: Runtime):
+def prepare(cfg: Config, runtime: Runtime, dataset: Dataset | None = None):
     """The data and the freshly initialised model a run with these settings trains:
-    (config with the recipe's open settings filled, dataset, model, model args, mean, std)."""
+    (config with the recipe's open settings filled, dataset, model, model args, mean, std).
+    A `dataset` already loaded (e.g. one fold of `cnnkit doctor`) replaces cfg.data's."""
     norm = None
     if pretrained_form(cfg):  # the weights' own input size and normalization, unless given
         info = model_entry(cfg.model).pretrained_info()
         cfg = dataclasses.replace(cfg, image_size=cfg.image_size or info["image_size"])
         norm = info["mean"], info["std"]
-    ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
-                      val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict,
-                      stream=True if cfg.stream else None, max_memory=cfg.max_memory,
-                      channels=cfg.channels)
+    ds = dataset or load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
+                                 val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                 strict=cfg.strict, stream=True if cfg.stream else None,
+                                 max_memory=cfg.max_memory, channels=cfg.channels)
     cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type, ds.image_size)
     torch.manual_seed(cfg.seed)
     model_args = {"widths": list(parse_widths(cfg.width))} if cfg.width else {}
@@ -209,8 +210,9 @@ class Run:
     runtime: Runtime
 
 
-def build_run(cfg: Config, ckpt: dict | None, dist, runtime: Runtime) -> Run:
-    cfg, ds, model, model_args, mean, std = prepare(cfg, runtime)
+def build_run(cfg: Config, ckpt: dict | None, dist, runtime: Runtime,
+              dataset: Dataset | None = None) -> Run:
+    cfg, ds, model, model_args, mean, std = prepare(cfg, runtime, dataset)
     if ckpt is None:
         start_weights(model, cfg, ds)
     if dist.enabled and cfg.sync_bn:

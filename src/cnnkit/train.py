@@ -14,6 +14,7 @@ import torch
 from . import distributed
 from .checkpoint import build_checkpoint, load, restore_training_state, training_state
 from .config import Config, make_config
+from .data import Dataset
 from .device import Runtime, select_runtime, synchronize
 from .engine import EvalResult, NonFiniteLoss, evaluate_split, linear_probe, train_one_epoch
 from .errors import CnnkitError, Interrupted, SettingsError
@@ -40,14 +41,16 @@ class TrainResult:
 
 def train(config: Config | None = None, *, resume: str | Path | None = None,
           nproc: int | None = None, log: Callable[[str], None] = print,
-          progress: bool | None = None, **overrides) -> TrainResult:
+          progress: bool | None = None, dataset: Dataset | None = None,
+          **overrides) -> TrainResult:
     """Train a model. Pass a Config, or a recipe name and settings:
     `cnnkit.train(data="digits", epochs=3)`; see `cnnkit.Config` for every setting.
     `resume=RUN` continues an interrupted run from its last completed epoch.
     `nproc=N` trains with N processes on this machine (DDP, one per GPU, or sharing the
     CPU cores) and returns rank 0's result; rank 0 prints with print(), as `log` cannot
     cross into other processes. Under torchrun, each process calls train() and takes its
-    place in the job."""
+    place in the job. `dataset` trains on data already loaded (one process only) instead
+    of loading cfg.data, which still names the run and its source."""
     dist = distributed.from_env()
     if resume is None and distributed.restart_count() > 0:
         # torchrun's elastic agent restarted this job's workers (a rank died, a machine
@@ -59,6 +62,8 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
                                        "dist_timeout": wanted.dist_timeout}
         if note and dist.main:
             log(note)
+    if dataset is not None and (dist.enabled or (nproc or 1) > 1):
+        raise SettingsError("train(dataset=...) trains in this process only; drop nproc")
     if nproc is not None and not dist.enabled:
         if nproc < 1:
             raise SettingsError(f"--nproc must be at least 1, got {nproc}")
@@ -77,7 +82,7 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     progress = interactive() if progress is None else progress
     with distributed.process_group(dist, runtime.device, cfg.dist_timeout):
         return _train(cfg, ckpt, resume, dist, runtime, log if dist.main else _silent,
-                      progress and dist.main)
+                      progress and dist.main, dataset)
 
 
 def resume_after_restart(cfg: Config, dist: distributed.Dist) -> tuple[Path | None, str]:
@@ -102,8 +107,8 @@ def _silent(message: str) -> None:
 
 
 def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, log,
-           progress: bool) -> TrainResult:
-    run = build_run(cfg, ckpt, dist, runtime)
+           progress: bool, dataset: Dataset | None = None) -> TrainResult:
+    run = build_run(cfg, ckpt, dist, runtime, dataset)
     cfg, ds, model, step = run.cfg, run.ds, run.model, run.step
     result = TrainResult(Path(resume) if resume else None, cfg)
     first_epoch, steps_done = 0, 0
