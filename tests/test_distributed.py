@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cnnkit
 from cnnkit import distributed
 from cnnkit.data import Split
 from cnnkit.device import select_runtime
@@ -132,8 +133,9 @@ def test_torchrun_run_completes_with_one_run_folder(tmp_path):
 def _rank1_pid(launcher: subprocess.Popen, run: Path) -> int:
     """The worker process that is not rank 0: rank 0 is the one holding the run folder's lock."""
     children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-    workers = [int(c) for c in children
-               if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    workers = [int(c) for c in children  # --nproc's spawned workers, or torchrun's
+               if any(w in Path(f"/proc/{c}/cmdline").read_bytes()
+                      for w in (b"spawn_main", b"cnnkit"))]
     lock = str((run / ".lock").resolve())
     others = [w for w in workers if not any(os.readlink(f) == lock for f in
                                             Path(f"/proc/{w}/fd").iterdir())]
@@ -246,3 +248,75 @@ def test_two_agents_are_one_job_like_two_processes(tmp_path):
         assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-2)  # epoch, train loss
         assert abs(a[2] - b[2]) * 1437 <= 3 and abs(a[4] - b[4]) * 360 <= 3  # accuracies
 
+
+
+def _final_state(run: Path) -> dict:
+    return cnnkit.load(run / "last.pt").model.state_dict()
+
+
+def test_a_rank_killed_under_max_restarts_is_restarted_and_the_run_finishes(tmp_path):
+    """torchrun --max-restarts 1: a worker SIGKILLed mid-epoch; the agent restarts both,
+    they resume the run folder after its last saved epoch, and the run ends as one that was
+    never interrupted (the same data stream and steps; the restarted attempt meets in a
+    store of its own, see distributed.restart_store)."""
+    args = ["-m", "cnnkit", "train", "--data", "digits", "--model", "seed-simple",
+            "--image-size", "32", "--epochs", "5", "--batch-size", "32", "--lr", "0.05",
+            "--optimizer", "sgd", "--device", "cpu", "--dist-timeout", "30"]
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", "--max-restarts", "1", *args, "--out", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        start_new_session=True)
+    seen = []
+    for line in agent.stdout:  # epoch 0 is saved; epoch 1 has begun
+        seen.append(line)
+        if line.split()[:1] == ["1/5"]:
+            break
+    time.sleep(0.3)
+    os.kill(_rank1_pid(agent, tmp_path / "run"), signal.SIGKILL)
+    try:
+        out, err = agent.communicate(timeout=240)
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+    assert agent.returncode == 0, err[-3000:]
+    assert "resuming" in "".join(seen) + out
+    rows = _metrics(tmp_path / "run")
+    assert [r[0] for r in rows] == [0, 1, 2, 3, 4]  # every epoch once
+
+    whole = _train(*args[3:], "--out", tmp_path / "whole", nproc=2)
+    assert whole.returncode == 0, whole.stderr
+    for a, b in zip(rows, _metrics(tmp_path / "whole")):
+        assert a[1] == pytest.approx(b[1], rel=1e-3) and abs(a[4] - b[4]) * 360 <= 2
+    restarted, uninterrupted = _final_state(tmp_path / "run"), _final_state(tmp_path / "whole")
+    for name, value in uninterrupted.items():
+        assert torch.allclose(restarted[name], value, atol=1e-4, rtol=1e-3), name
+
+
+def test_an_agent_that_leaves_for_good_leaves_the_other_to_finish(tmp_path):
+    """--nnodes 1:2 --max-restarts 1: the second machine (agent and worker) is killed for
+    good during epoch 2; the first machine's worker loses its peer, its agent restarts it
+    in a job of one, and it resumes the run folder and finishes alone."""
+    run = tmp_path / "run"
+    agents = _agents(run, "1:2", 5, "--max-restarts", "1", "--rdzv-conf",
+                     "join_timeout=60,last_call_timeout=2", dist_timeout=20)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.csv").exists() and len(_metrics(run)) >= 2):
+            assert time.monotonic() < deadline and agents[0].poll() is None
+            time.sleep(0.1)
+        # the machine goes: its agent and its worker (torchrun starts workers in sessions
+        # of their own, so killing the agent's group alone would leave the worker running)
+        worker = Path(f"/proc/{agents[1].pid}/task/{agents[1].pid}/children").read_text()
+        os.killpg(agents[1].pid, signal.SIGKILL)
+        for pid in worker.split():
+            os.kill(int(pid), signal.SIGKILL)
+        out, err = agents[0].communicate(timeout=240)
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                os.killpg(a.pid, signal.SIGKILL)
+    assert agents[0].returncode == 0, err[-3000:]
+    # after the restart the survivor is the job's rank 0, and says so
+    assert re.search(r"resuming .* after epoch \d+ with 1 process\b", out), out[-2000:]
+    assert [r[0] for r in _metrics(run)] == [0, 1, 2, 3, 4]

@@ -86,9 +86,12 @@ def process_group(dist: Dist, device: torch.device, timeout: float):
     elif "OMP_NUM_THREADS" not in os.environ:
         # Processes on one machine share its cores instead of each taking all of them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world))
+    timeout = datetime.timedelta(seconds=timeout)
+    store = restart_store(dist, timeout)
     try:
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                 timeout=datetime.timedelta(seconds=timeout),
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                 **({"store": store, "rank": dist.rank, "world_size": dist.world}
+                                    if store is not None else {}),
                                  **({"device_id": device} if device.type == "cuda" else {}))
     except (RuntimeError, ValueError) as e:
         raise CnnkitError(f"could not join the distributed job (rank {dist.rank} of "
@@ -103,6 +106,32 @@ def process_group(dist: Dist, device: torch.device, timeout: float):
     finally:
         gc.collect()  # DDP's reducer sits in reference cycles: free it while Python is whole
         tdist.destroy_process_group()
+
+
+def restart_store(dist: Dist, timeout: datetime.timedelta):
+    """After a restart by torchrun's agent, the store the process group meets in, under keys
+    of this attempt's own; None otherwise (init_process_group's env:// store).
+
+    The agent's c10d rendezvous shares one TCPStore with every attempt of the job (PyTorch
+    since 2.5, unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), and init_process_group's keys
+    carry no attempt: a restarted rank could read the address a dead rank of the attempt
+    before had published, and fail with gloo's "Connection refused" or a connect timeout
+    (pytorch/pytorch#135712; 2 of 6 restarts here, RESULTS.md section 14). The restart count
+    is per agent, so prefixing with it keeps the attempts apart on one machine; on several
+    machines the counts may differ, and only the variable above is safe."""
+    restart = restart_count()
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if dist.local_world != dist.world:
+        if dist.main:
+            warnings.warn("torchrun restarted a job of several machines that share the "
+                          "agent's store: if the process group cannot form, start torchrun "
+                          "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment",
+                          stacklevel=2)
+        return None
+    shared = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                            dist.world, is_master=False, timeout=timeout)
+    return tdist.PrefixStore(f"cnnkit/restart-{restart}", shared)
 
 
 @contextmanager
