@@ -15,7 +15,8 @@ from .export import export  # noqa: E402
 from .predict import predict  # noqa: E402
 from .lrfind import lr_find  # noqa: E402
 from .train import train  # noqa: E402
+from .doctor import doctor  # noqa: E402
 
 __all__ = ["Config", "RECIPES", "CnnkitError", "Dataset", "LoadedModel", "RunInfo", "Split",
-           "create_model", "evaluate", "list_models", "load", "load_dataset", "make_config",
+           "create_model", "doctor", "evaluate", "list_models", "load", "load_dataset", "make_config",
            "export", "lr_find", "predict", "register_model", "show_batch", "train"]

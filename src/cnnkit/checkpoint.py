@@ -101,7 +101,7 @@ class RunInfo:
         return load_dataset(source, data_dir=cfg.data_dir, image_size=self.input_size[0],
                             val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict,
                             max_memory=cfg.max_memory, stream=True if cfg.stream else None,
-                            channels=self.in_channels)
+                            channels=self.in_channels, multi_label=cfg.multi_label)
 
 
 def model_description(model: str, classes: int, in_channels: int, image_size) -> str:
@@ -137,11 +137,17 @@ def cpu_state(module: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def build_checkpoint(info: RunInfo, model: nn.Module, epoch: int, metrics: dict) -> dict:
+def build_checkpoint(info: RunInfo, model: nn.Module, epoch: int, metrics: dict,
+                     thresholds: list[float] | None = None) -> dict:
     """The one place a checkpoint is put together: the run, the epoch and its metrics, the
-    weights (on the CPU). `last.pt` adds a "train_state" (see `training_state`)."""
-    return {"format": FORMAT, "run": info.to_dict(), "epoch": epoch, "metrics": metrics,
+    weights (on the CPU), and for a multi-label model the per-label thresholds chosen on
+    this epoch's validation probabilities (plain floats: loadable with weights_only).
+    `last.pt` adds a "train_state" (see `training_state`)."""
+    ckpt = {"format": FORMAT, "run": info.to_dict(), "epoch": epoch, "metrics": metrics,
             "state_dict": cpu_state(model)}
+    if thresholds is not None:
+        ckpt["thresholds"] = [float(t) for t in thresholds]
+    return ckpt
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -155,6 +161,8 @@ def save_safetensors(path: Path, ckpt: dict) -> None:
 
     meta = {"format": json.dumps(FORMAT), "run": json.dumps(ckpt["run"]),
             "epoch": json.dumps(ckpt.get("epoch")), "metrics": json.dumps(ckpt.get("metrics"))}
+    if ckpt.get("thresholds") is not None:
+        meta["thresholds"] = json.dumps(ckpt["thresholds"])
     tensors = {k: v.contiguous() for k, v in ckpt["state_dict"].items()}
     atomic_write(Path(path), lambda f: f.write(save(tensors, metadata=meta)))
 
@@ -296,6 +304,17 @@ class LoadedModel:
     path: str = ""
     takes_pixels: bool = False  # an exported model that normalizes uint8 pixels itself
     metrics: dict = field(default_factory=dict)  # the saved epoch's metrics (val_acc, ...)
+    # multi-label: a label is called when its sigmoid probability reaches its threshold
+    thresholds: list[float] | None = None
+
+    def __post_init__(self):
+        if self.multi_label and self.thresholds is None:
+            self.thresholds = [0.5] * len(self.classes)
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the model gives each image a set of labels (sigmoid outputs)."""
+        return self.info.config.multi_label
 
     @property
     def name(self) -> str:
@@ -336,7 +355,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     model = info.build_model()
     load_weights(model, ckpt, info.model_description(), str(path))
     model.to(device).eval()
-    return LoadedModel(model, info, str(path), metrics=ckpt.get("metrics") or {})
+    return LoadedModel(model, info, str(path), metrics=ckpt.get("metrics") or {},
+                       thresholds=ckpt.get("thresholds"))
 
 
 # --- exported models --------------------------------------------------------------------
@@ -375,6 +395,8 @@ def load_onnx(path: str | Path) -> LoadedModel:
                           "size); export it with `cnnkit export --format onnx`")
     c, h, w = meta["input_size"]
     # Normalization is inside the model; it was verified without test-time augmentation.
-    info = RunInfo(Config(model=meta.get("model", "onnx"), tta=0, flip="none"),
+    info = RunInfo(Config(model=meta.get("model", "onnx"), tta=0, flip="none",
+                          multi_label=bool(meta.get("multi_label", False))),
                    list(meta["classes"]), c, (h, w), [0.0] * c, [1.0] * c)
-    return LoadedModel(model, info, str(path), takes_pixels=True)
+    return LoadedModel(model, info, str(path), takes_pixels=True,
+                       thresholds=meta.get("thresholds"))

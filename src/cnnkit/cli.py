@@ -83,6 +83,11 @@ EXAMPLES = {
   cnnkit export runs/cifar10-fastnet --format torchscript --out model.pt
   cnnkit export runs/cifar10-fastnet --format safetensors --out model.safetensors
   cnnkit predict model.onnx cat.jpg                 use the export""",
+    "doctor": """\
+  cnnkit doctor photos/                             4 folds of the default recipe
+  cnnkit doctor photos/ --time-budget 30 --folds 5  30 seconds of training per fold
+  cnnkit doctor labels.csv --fix                    also write clean.csv without the flagged
+  cnnkit train --data runs/doctor-labels/clean.csv  train on it""",
     "serve": """\
   cnnkit serve runs/cifar10-fastnet                 http://127.0.0.1:8000
   cnnkit serve model-int8.onnx --port 8080
@@ -162,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto", help=DEVICE_HELP)
     pr.add_argument("--json", action="store_true", help="print JSON")
     pr.set_defaults(func=cmd_predict)
+
+    dr = _verb(sub, "doctor", "find likely label errors, duplicates, train/val leaks and class "
+               "imbalance in a data set", "Find likely label errors (confident learning on "
+               "out-of-sample predictions of K models, one per fold), exact and near "
+               "duplicates and leaks across splits, and class imbalance. Writes findings.csv, "
+               "pictures and report.html; never changes the data. Training flags apply to "
+               "each fold's run.")
+    dr.add_argument("data", metavar="DATA", help="any --data source: a name, a folder, a CSV")
+    dr.add_argument("--folds", type=int, default=4, metavar="K",
+                    help="models to train, each predicting the images it did not train on "
+                    "(default 4)")
+    dr.add_argument("--similarity", type=float, metavar="X", help="cosine similarity of "
+                    "penultimate features above which two images are near-duplicates "
+                    "(default 0.95)")
+    dr.add_argument("--fix", action="store_true", help="also write clean.csv: a path,label "
+                    "listing of the images not flagged, for cnnkit train --data clean.csv")
+    _config_flags(dr, skip=("data",))
+    dr.set_defaults(func=cmd_doctor)
 
     sb = sub.add_parser("show-batch", help="save a grid of training images with class names")
     sb.add_argument("--data", default="cifar10")
@@ -339,6 +362,14 @@ def cmd_predict(args) -> int:
     return 1 if errors else 0
 
 
+def cmd_doctor(args) -> int:
+    from .doctor import DEFAULT_SIMILARITY, doctor
+    settings = {k: v for k, v in _overrides(args).items() if v is not None and k not in ("data", "out")}
+    doctor(args.data, folds=args.folds, out=args.out, fix=args.fix,
+           similarity=args.similarity or DEFAULT_SIMILARITY, **settings)
+    return 0
+
+
 def cmd_show_batch(args) -> int:
     from .report import show_batch
     from .transforms import Augment
@@ -453,10 +484,11 @@ def cmd_export(args) -> int:
     out = export(args.run, args.out, fmt=args.format, int8=args.int8, max_drop=args.max_drop)
     if args.int8:
         from .checkpoint import OnnxModel
+        from .export import agreement_name
         r = OnnxModel(out).meta["int8"]
         verified = (f" (int8: validation accuracy {r['int8_accuracy']:.4f} against "
                     f"{r['float_accuracy']:.4f} in float, drop {r['drop_points']:.2f} points, "
-                    f"top-1 agreement {r['agreement']:.4f} on {r['images']} images)")
+                    f"{agreement_name(r)} {r['agreement']:.4f} on {r['images']} images)")
     else:
         verified = "" if args.format == "safetensors" else \
             " (verified against PyTorch on real images: logits within 1e-4)"

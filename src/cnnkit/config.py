@@ -33,7 +33,8 @@ GROUPS = {"data": "what to train on", "model": "the model and where its weights 
 class Config:
     # --- what to train on -------------------------------------------------------
     data: str = _f("cifar10", "cifar10, cifar100, mnist, fashion-mnist, digits, or a PATH "
-                   "(cifar-10-batches-py / cifar-100-python folder, or an image folder)",
+                   "(cifar-10-batches-py / cifar-100-python folder, an image folder, or a CSV "
+                   "of path,label rows)",
                    group="data", metavar="NAME_OR_PATH")
     data_dir: str | None = _f(None, "download cache (default $CNNKIT_DATA or ~/.cache/cnnkit)",
                               group="data", metavar="DIR")
@@ -47,6 +48,12 @@ class Config:
                               "set's own)", choices=[1, 3], group="data")
     strict: bool = _f(False, "unreadable images in a folder are an error, not a warning",
                       group="data")
+    # Resolved from the data when a run starts (a CSV with '|' in a label cell is
+    # multi-label without the flag), so a saved run's config says which it is.
+    multi_label: bool = _f(False, "each image has a set of labels (a CSV's label cells "
+                           "hold them separated by '|', e.g. cat|outdoor; such a CSV is "
+                           "multi-label without this flag): sigmoid outputs, binary "
+                           "cross-entropy, a threshold per label", group="data")
     stream: bool = _f(False, "decode image files in DataLoader workers during training "
                       "instead of holding them decoded in memory", group="data")
     max_memory: float | None = _f(None, "GB of decoded images to hold in memory; beyond it "
@@ -118,7 +125,9 @@ class Config:
                        group="training")
     lr_floor: float = _f(0.0, "final lr of the linear schedule, as a fraction of the peak",
                          group="training")
-    label_smoothing: float = _f(0.2, "cross-entropy label smoothing", group="training")
+    label_smoothing: float = _f(0.2, "cross-entropy label smoothing (single-label only: "
+                                "--multi-label trains on the 0/1 targets as given)",
+                                group="training")
     ema: float = _f(0.0, "decay of an exponential moving average of the weights, updated "
                     "every 5 steps and used for evaluation (0: off)", group="training")
     patience: int | None = _f(None, "stop when val accuracy has not improved for N epochs "

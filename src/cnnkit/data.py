@@ -34,7 +34,7 @@ DEFAULT_VAL_FRACTION = 0.2
 @dataclass
 class Split:
     images: torch.Tensor  # uint8 (N, C, H, W)
-    labels: torch.Tensor  # int64 (N,)
+    labels: torch.Tensor  # int64 (N,), or float32 multi-hot (N, K) for multi-label data
     files: list[Path] | None = None  # where each image was read from, for image files
 
     def __len__(self) -> int:
@@ -132,6 +132,11 @@ class Dataset:
         return "test" if "test" in self.splits else "val"
 
     @property
+    def multi_label(self) -> bool:
+        """Whether each image has a set of labels (multi-hot rows) rather than one class."""
+        return self.train.labels.ndim == 2
+
+    @property
     def in_channels(self) -> int:
         return self.val.images.shape[1]
 
@@ -147,12 +152,15 @@ def default_data_dir() -> Path:
 def load_dataset(source: str, *, data_dir: str | None = None, image_size: int | None = None,
                  val_fraction: float | None = None, seed: int = 0, strict: bool = False,
                  stream: bool | None = False, max_memory: float | None = None,
-                 channels: int | None = None) -> Dataset:
+                 channels: int | None = None, multi_label: bool = False) -> Dataset:
     """Load a data source by name or path; see the module docstring for what is accepted.
     Image files are decoded into memory, or, with `stream` (or `stream=None` and more decoded
     bytes than `max_memory` GB, default a quarter of RAM), streamed from disk in training.
     `channels` (1 or 3) converts every image to greyscale or RGB; by default image files
-    are RGB and the built-in sets keep their own."""
+    are RGB and the built-in sets keep their own. A CSV is multi-label when a label cell
+    holds several labels (`cat|outdoor`), or with `multi_label`."""
+    if multi_label:
+        check_multi_label(source)
     key = source.lower()
     if key in DOWNLOADABLE:
         name, classes, train, test = _download(key, Path(data_dir) if data_dir else
@@ -168,7 +176,7 @@ def load_dataset(source: str, *, data_dir: str | None = None, image_size: int | 
         name = path.stem
         if path.is_file() or (path / "train").is_dir():
             return _file_dataset(path, image_size or DEFAULT_FOLDER_SIZE, strict, val_fraction,
-                                 seed, stream, max_memory, channels or 3)
+                                 seed, stream, max_memory, channels or 3, multi_label)
         if (path / "data_batch_1").exists():
             classes, train, test = _local_cifar10(path)
         elif (path / "train").is_file() and (path / "meta").is_file():
@@ -221,6 +229,15 @@ def check_source(source: str) -> Path | None:
     return path
 
 
+def check_multi_label(source: str) -> None:
+    """Only a CSV holds sets of labels; folders and the built-in sets have one class an
+    image."""
+    if source.lower() in BUILTIN or Path(source).expanduser().suffix.lower() != ".csv":
+        raise SettingsError(f"multi-label data is a CSV of path,label rows whose label cells "
+                            f"hold labels separated by '|' (e.g. photo.jpg,cat|outdoor); "
+                            f"{source} is not a CSV: drop --multi-label")
+
+
 def expected_input(source: str, image_size: int | None, channels: int | None = None
                    ) -> tuple[int, int]:
     """(channels, size) the source will have, known without loading it."""
@@ -229,9 +246,15 @@ def expected_input(source: str, image_size: int | None, channels: int | None = N
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
-    """Indices (train, val): `fraction` of each class held out, the same for the same seed."""
+    """Indices (train, val): `fraction` of each class held out, the same for the same seed.
+    Multi-label rows are stratified by their rarest label (images with none form a group of
+    their own), as iterative stratification starts: a common label ("animal") is spread
+    over both splits anyway, a rare one only if it is what groups the rows."""
     from sklearn.model_selection import train_test_split
 
+    if labels.ndim == 2:
+        rarity = torch.where(labels > 0, labels.sum(0), torch.inf)
+        labels = torch.where(labels.bool().any(1), rarity.argmin(1), labels.shape[1])
     y = labels.numpy()
     index = np.arange(len(y))
     counts = np.bincount(y)
@@ -343,20 +366,40 @@ def _class_folder(root: Path, classes: list[str] | None = None):
     return names, files, labels
 
 
-def _csv_listing(path: Path):
+def _csv_listing(path: Path, multi_label: bool = False):
     """(classes, files, labels) from a CSV of `path,label` rows (a header row is allowed);
-    paths are relative to the CSV's folder."""
+    paths are relative to the CSV's folder. Labels are class indices, or, when a label cell
+    holds several labels separated by '|' (or with `multi_label`), a float32 multi-hot
+    tensor (N, K) over the sorted union of the labels; an empty cell is then no label."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+    if rows and [c.strip().lower() for c in rows[0][:2]] in (["path", "label"],
+                                                               ["path", "labels"]):
         rows = rows[1:]
     bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2]
     if not rows or bad:
         raise CnnkitError(f"{path}: expected rows of path,label"
                           + (f" (line {bad[0]} is not)" if bad else " (it has none)"))
-    classes = sorted({r[1].strip() for r in rows})
     files = [(path.parent / r[0].strip()) for r in rows]
-    return classes, files, [classes.index(r[1].strip()) for r in rows]
+    cells = [r[1].strip() for r in rows]
+    if not (multi_label or any("|" in c for c in cells)):
+        classes = sorted(set(cells))
+        index = {c: i for i, c in enumerate(classes)}
+        return classes, files, [index[c] for c in cells]
+    sets = [{label.strip() for label in c.split("|")} - {""} for c in cells]
+    classes = sorted(set().union(*sets))
+    if not classes:
+        raise CnnkitError(f"{path}: no row has a label")
+    index = {c: i for i, c in enumerate(classes)}
+    labels = torch.zeros(len(rows), len(classes))
+    for i, labels_of_row in enumerate(sets):
+        labels[i, [index[c] for c in labels_of_row]] = 1.0
+    return classes, files, labels
+
+
+def _take(labels, keep: list[int]) -> torch.Tensor:
+    """The labels of the kept images: int64 class indices (N,), or multi-hot rows (N, K)."""
+    return torch.as_tensor(labels)[torch.as_tensor(keep, dtype=torch.long)]
 
 
 def _decode_all(files, labels, size, strict: bool, where, channels: int = 3) -> Split:
@@ -373,8 +416,7 @@ def _decode_all(files, labels, size, strict: bool, where, channels: int = 3) -> 
                            desc=f"decoding {Path(where).name}"))
     keep = _report_unreadable([d if isinstance(d, str) else None for d in decoded], strict,
                               where)
-    return Split(torch.stack([decoded[i] for i in keep]),
-                 torch.tensor([labels[i] for i in keep], dtype=torch.long),
+    return Split(torch.stack([decoded[i] for i in keep]), _take(labels, keep),
                  [Path(files[i]) for i in keep])
 
 
@@ -413,12 +455,12 @@ def memory_budget() -> float:
 
 
 def _file_dataset(path: Path, size: int, strict: bool, val_fraction, seed, stream,
-                  max_memory, channels: int = 3) -> Dataset:
+                  max_memory, channels: int = 3, multi_label: bool = False) -> Dataset:
     """An image folder (class subfolders), a CSV, or a folder with train/ and any of val/
     and test/ (Ultralytics' classify layout): train/ trains, val/ validates, test/ is kept
     for `cnnkit eval --split test`; test/ alone doubles as validation."""
     if path.is_file():
-        classes, files, labels = _csv_listing(path)
+        classes, files, labels = _csv_listing(path, multi_label)
         parts = {"train": (files, labels)}
     elif (path / "train").is_dir():
         classes, files, labels = _class_folder(path / "train")
@@ -441,8 +483,8 @@ def _file_dataset(path: Path, size: int, strict: bool, val_fraction, seed, strea
     train_files, train_labels = parts["train"]
     if streaming:
         keep = _report_unreadable([_check_readable(f) for f in train_files], strict, path)
-        train = StreamSplit([train_files[i] for i in keep],
-                            torch.tensor([train_labels[i] for i in keep]), size, channels)
+        train = StreamSplit([train_files[i] for i in keep], _take(train_labels, keep), size,
+                            channels)
     else:
         train = _decode_all(train_files, train_labels, size, strict, path, channels)
     # Held-out splits are held in memory: they are evaluated and drawn on.

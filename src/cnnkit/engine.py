@@ -20,7 +20,8 @@ from .data import Split
 from . import distributed
 from .device import Runtime
 from .distributed import SINGLE, Dist
-from .metrics import accuracy, confusion_matrix, top_k_accuracy
+from .metrics import (accuracy, best_thresholds, confusion_matrix, label_scores,
+                      mean_average_precision, top_k_accuracy)
 from .progress import bar
 from .transforms import Augment, to_input
 
@@ -89,8 +90,11 @@ def train_step(model: nn.Module, s: TrainStep, batch: torch.Tensor, index: torch
     x = x.contiguous(memory_format=s.runtime.memory_format)
     with torch.autocast(device.type, dtype=s.runtime.dtype, enabled=s.runtime.autocast):
         logits = model(x)
-        loss_sum = F.cross_entropy(logits.float(), y, weight=s.class_weights,
-                                   label_smoothing=s.label_smoothing, reduction="sum")
+        if y.ndim == 2:  # multi-label: a binary cross-entropy per label, summed over them
+            loss_sum = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum")
+        else:
+            loss_sum = F.cross_entropy(logits.float(), y, weight=s.class_weights,
+                                       label_smoothing=s.label_smoothing, reduction="sum")
     # The mean over the global batch. DDP averages gradients over the processes, so
     # each process's part is scaled by their number: the step equals one process's.
     total = len(batch) if s.class_weights is None else \
@@ -131,7 +135,10 @@ def train_one_epoch(model: nn.Module, data: Split, s: TrainStep, *, batch_size: 
         if s.ema is not None and step % s.ema_every == s.ema_every - 1:
             s.ema.update_parameters(model)
         totals[0] += loss * len(batch)
-        totals[1] += (logits.argmax(1) == y).sum()
+        if y.ndim == 2:  # the share of right (image, label) calls at 0.5: accuracy_multi
+            totals[1] += ((logits > 0) == (y > 0.5)).float().mean(1).sum()
+        else:
+            totals[1] += (logits.argmax(1) == y).sum()
         totals[2] += len(index)
         # Checking waits for the GPU, so not at every step: a diverged run is caught within
         # 16 steps (the checkpoints are from the end of an earlier epoch).
@@ -173,9 +180,11 @@ def generator_for(cpu_generator: torch.Generator, device: torch.device) -> torch
 class EvalResult:
     loss: float
     accuracy: float
-    confusion: torch.Tensor   # (K, K): true class × predicted class
-    probs: torch.Tensor       # (N, K) softmax probabilities, on the CPU
+    confusion: torch.Tensor | None  # (K, K): true class × predicted class; None multi-label
+    probs: torch.Tensor       # (N, K) softmax (multi-label: sigmoid) probabilities, on the CPU
     top5: float | None = None  # with more than 5 classes
+    mean_ap: float | None = None  # multi-label: mAP, over the labels present
+    thresholds: list[float] | None = None  # multi-label: the per-label thresholds applied
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, level: int, mirror: bool = True
@@ -237,11 +246,16 @@ def linear_probe(model: nn.Module, data: Split, *, mean, std, runtime: Runtime,
 @torch.inference_mode()
 def evaluate_split(model: nn.Module, data: Split, *, mean, std, runtime: Runtime, num_classes: int,
              batch_size: int = 500, tta: int = 0, mirror: bool = True,
-             dist: Dist = SINGLE, progress: bool | None = None) -> EvalResult:
+             dist: Dist = SINGLE, progress: bool | None = None,
+             thresholds: list[float] | None = None) -> EvalResult:
     """Loss, accuracy, confusion matrix and probabilities over `data`. Under DDP the
     processes take turns at the batches and share their results: each batch is computed
-    as one process would, and summed in the same order, so the result is the same."""
+    as one process would, and summed in the same order, so the result is the same.
+    Multi-label data (labels (N, K)) gets sigmoid probabilities, the binary cross-entropy,
+    mAP, and the accuracy of its (image, label) calls at `thresholds`; without them, at the
+    thresholds of the best F1 per label on `data`, which training saves with the model."""
     model.eval()
+    multi = data.labels.ndim == 2
     batches = torch.arange(len(data)).split(batch_size)
     mine = batches[dist.rank::dist.world]
     probs, losses = [], []
@@ -250,8 +264,12 @@ def evaluate_split(model: nn.Module, data: Split, *, mean, std, runtime: Runtime
         x = to_input(images, mean, std, memory_format=runtime.memory_format)
         with torch.autocast(runtime.device.type, dtype=runtime.dtype, enabled=runtime.autocast):
             logits = tta_logits(model, x, tta, mirror).float()
-        losses.append(float(F.cross_entropy(logits, y, reduction="sum")))
-        probs.append(logits.softmax(1).cpu())
+        if multi:
+            losses.append(float(F.binary_cross_entropy_with_logits(logits, y, reduction="sum")))
+            probs.append(logits.sigmoid().cpu())
+        else:
+            losses.append(float(F.cross_entropy(logits, y, reduction="sum")))
+            probs.append(logits.softmax(1).cpu())
     if dist.enabled:  # batch i was computed by rank i % world
         parts = distributed.gather(dist, (probs, losses))
         order = [(i % dist.world, i // dist.world) for i in range(len(batches))]
@@ -259,6 +277,34 @@ def evaluate_split(model: nn.Module, data: Split, *, mean, std, runtime: Runtime
         losses = [parts[r][1][j] for r, j in order]
     probs = torch.cat(probs) if probs else torch.zeros(0, num_classes)
     labels = data.labels.cpu()
+    if multi:
+        thresholds = list(thresholds) if thresholds is not None else \
+            best_thresholds(probs, labels)
+        return EvalResult(sum(losses) / max(len(data), 1),
+                          label_scores(probs, labels, thresholds)["accuracy"], None, probs,
+                          mean_ap=mean_average_precision(probs, labels)[0],
+                          thresholds=thresholds)
     confusion = confusion_matrix(probs.argmax(1), labels, num_classes)
     return EvalResult(sum(losses) / max(len(data), 1), accuracy(confusion), confusion, probs,
                       top_k_accuracy(probs, labels, 5) if num_classes > 5 else None)
+
+
+@torch.inference_mode()
+def embed(model: nn.Module, data: Split, *, mean, std, runtime: Runtime,
+          batch_size: int = 500) -> torch.Tensor:
+    """Penultimate features (N, D) on the CPU: what the model's classifier layer is given,
+    for any model of the contract, whatever its body and pooling."""
+    model.eval()
+    captured = []
+    hook = model.get_classifier().register_forward_hook(
+        lambda module, inputs, output: captured.append(inputs[0].float().flatten(1).cpu()))
+    try:
+        for _, images, _ in data.iterate(torch.arange(len(data)).split(batch_size),
+                                         runtime.device):
+            x = to_input(images, mean, std, memory_format=runtime.memory_format)
+            with torch.autocast(runtime.device.type, dtype=runtime.dtype,
+                                enabled=runtime.autocast):
+                model(x)
+    finally:
+        hook.remove()
+    return torch.cat(captured)

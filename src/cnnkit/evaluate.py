@@ -37,8 +37,15 @@ def evaluate(run, data: str | None = None, *, split: str | None = None, device: 
     if own:  # the run's data, with its own validation split
         ds = lm.info.load_data(data)
     else:
+        if lm.multi_label and not str(data).lower().endswith(".csv"):
+            raise CnnkitError(f"the model is multi-label: evaluate it on a CSV of path,label "
+                              f"rows with labels separated by '|'; {data} is not a CSV")
         ds = load_dataset(data, data_dir=data_dir, image_size=lm.image_size[0],
-                          channels=lm.in_channels)
+                          channels=lm.in_channels, multi_label=lm.multi_label)
+    if ds.multi_label != lm.multi_label:
+        raise CnnkitError(f"the model is {'multi' if lm.multi_label else 'single'}-label, "
+                          f"the data {'multi' if ds.multi_label else 'single'}-label "
+                          f"('|' in its label cells)")
     _check_compatible(lm, ds.classes)  # channels were converted to the model's
     name = split or ds.default_eval_split
     if split is None and not own and ds.held_out and ds.test is None:
@@ -50,9 +57,9 @@ def evaluate(run, data: str | None = None, *, split: str | None = None, device: 
     ev = evaluate_split(lm.model, images, mean=lm.mean, std=lm.std, runtime=runtime,
                         num_classes=len(lm.classes), batch_size=batch_size,
                         tta=lm.config.tta if tta is None else tta,
-                        mirror=lm.config.flip != "none")
+                        mirror=lm.config.flip != "none", thresholds=lm.thresholds)
     record = evaluation_record(ev.confusion, ev.loss, lm.classes, ds.source, name, ev.probs,
-                               images.labels)
+                               images.labels, ev.thresholds)
     if out is not None:
         write_report(Path(out), evaluation=record, images=images.images, labels=images.labels,
                      probs=ev.probs, settings={"model": lm.name, "checkpoint": lm.path},
@@ -90,6 +97,8 @@ def _check_compatible(lm: LoadedModel, classes: list[str]) -> None:
 def format_report(result: dict) -> str:
     """The evaluation as text: accuracy (and top-5), per-class precision, recall (the class's
     accuracy) and F1 with their averages, the confusion matrix."""
+    if result.get("multi_label"):
+        return _format_multilabel(result)
     classes = result["classes"]
     width = max(16, max(len(c) for c in classes))
     lines = [f"{result['split']} accuracy {result['accuracy']:.4f} on {result['num_images']} "
@@ -110,4 +119,28 @@ def format_report(result: dict) -> str:
               " " * (width + 2) + "".join(f"{i:>{cell}}" for i in range(len(classes)))]
     for i, (c, row) in enumerate(zip(classes, cm)):
         lines.append(f"  {c:<{width}}" + "".join(f"{v:>{cell}}" for v in row) + f"   {i}")
+    return "\n".join(lines)
+
+
+def _format_multilabel(result: dict) -> str:
+    """A multi-label evaluation as text: mAP, the accuracy of the (image, label) calls and
+    of whole label sets, and per label its AP, and F1, precision and recall at its
+    threshold."""
+    width = max(16, max(len(c) for c in result["classes"]))
+
+    def cell(v):
+        return f"{'-':>9}" if v is None else f"{v:>9.4f}"
+    lines = [f"{result['split']} mAP {result['mean_average_precision']:.4f} on "
+             f"{result['num_images']} images ({result['data']}); loss {result['loss']:.4f}",
+             f"accuracy {result['accuracy']:.4f} of the (image, label) calls at the "
+             f"thresholds; exact match {result['exact_match']:.4f}", "",
+             f"  {'':<{width}} {'AP':>9} {'f1':>9} {'precision':>9} {'recall':>9} "
+             f"{'threshold':>9} {'images':>9}"]
+    for c, m in result["per_label"].items():
+        lines.append(f"  {c:<{width}} {cell(m['average_precision'])} {cell(m['f1'])} "
+                     f"{cell(m['precision'])} {cell(m['recall'])} {cell(m['threshold'])} "
+                     f"{m['support']:>9}")
+    m = result["macro_avg"]
+    lines.append(f"  {'macro average':<{width}} {cell(result['mean_average_precision'])} "
+                 f"{cell(m['f1'])} {cell(m['precision'])} {cell(m['recall'])}")
     return "\n".join(lines)

@@ -194,7 +194,8 @@ def explain(run, images, out: str | Path, class_name: str | None = None,
     for image in images:
         pixels, x = _prepare(lm, image)
         with torch.no_grad():
-            probs = lm.model.eval()(x).float().softmax(1)[0]
+            logits = lm.model.eval()(x).float()
+            probs = (logits.sigmoid() if lm.multi_label else logits.softmax(1))[0]
         pred = int(probs.argmax())
         target = lm.classes.index(class_name) if class_name else pred
         heat = gradcam(lm, x, target, layer)

@@ -15,6 +15,7 @@ import torch.nn as nn
 from .version import __version__
 from .checkpoint import LoadedModel, OnnxModel, load, read_checkpoint, save_safetensors
 from .errors import CnnkitError, SettingsError, first_line, unknown_choice
+from .metrics import over_thresholds
 from .progress import bar
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -36,9 +37,14 @@ class PixelModel(nn.Module):
 
 
 def metadata(lm: LoadedModel) -> dict:
-    return {"classes": lm.classes, "input_size": [lm.in_channels, *lm.image_size],
+    meta = {"classes": lm.classes, "input_size": [lm.in_channels, *lm.image_size],
             "input": "uint8 pixels, N×C×H×W", "output": "logits (softmax gives probabilities)",
-            "model": lm.name, "cnnkit_version": __version__}
+            "model": lm.name, "cnnkit_version": __version__, "multi_label": lm.multi_label}
+    if lm.multi_label:
+        meta["output"] = ("logits (a sigmoid per label gives its probability; a label is "
+                          "called when that reaches its entry in thresholds)")
+        meta["thresholds"] = list(lm.thresholds)
+    return meta
 
 
 def export(run, out: str | Path, *, fmt: str = "onnx", check_images: torch.Tensor | None = None,
@@ -46,8 +52,8 @@ def export(run, out: str | Path, *, fmt: str = "onnx", check_images: torch.Tenso
     """Write `run` (a run folder or checkpoint) as `fmt` to `out` and verify it.
 
     `int8` (onnx only): quantized by onnxruntime, calibrated on the run's training images,
-    and kept only if its validation accuracy is at most `max_drop` points below the float
-    model's (the numbers are in the file's metadata, under "int8")."""
+    and kept only if its validation accuracy (a multi-label model's: of its (image, label)
+    calls at its thresholds) is at most `max_drop` points below the float model's (the numbers are in the file's metadata, under "int8")."""
     if fmt not in FORMATS:
         raise unknown_choice("export format", fmt, FORMATS)
     if int8 and fmt != "onnx":
@@ -146,7 +152,8 @@ def export_int8(run, out: Path, max_drop: float) -> Path:
                             per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
                             activation_type=QuantType.QUInt8)
             steps.close()
-            report = compare_on_val(OnnxModel(float_file), OnnxModel(out), data.val)
+            report = compare_on_val(OnnxModel(float_file), OnnxModel(out), data.val,
+                                    thresholds=lm.thresholds)
             # the file carries what it was measured at: `cnnkit export` prints it from there
             _add_metadata(out, metadata(lm) | {"int8": report | {
                 "calibration_images": len(calibration), "method": "onnxruntime static, QDQ, "
@@ -161,7 +168,7 @@ def export_int8(run, out: Path, max_drop: float) -> Path:
             f"int8 export refused: validation accuracy {report['int8_accuracy']:.4f} against "
             f"{report['float_accuracy']:.4f} for the float model, a drop of "
             f"{report['drop_points']:.2f} points (most allowed {max_drop:g}: --max-drop); "
-            f"top-1 agreement {report['agreement']:.4f}; nothing written")
+            f"{agreement_name(report)} {report['agreement']:.4f}; nothing written")
     return out
 
 
@@ -179,19 +186,34 @@ def one_file_or_none(out: Path, what: str):
         raise CnnkitError(f"{what} failed: {first_line(e, 300)}") from None
 
 
-def compare_on_val(reference, quantized, val, batch_size: int = 256) -> dict:
-    """Accuracy of both models, their top-1 agreement and the drop, on a validation split."""
+def agreement_name(report: dict) -> str:
+    """What the agreement of an int8 report counts: top-1 classes, or label calls."""
+    return "agreement of the label calls" if report.get("per") == "label" else \
+        "top-1 agreement"
+
+
+def compare_on_val(reference, quantized, val, batch_size: int = 256,
+                   thresholds: list[float] | None = None) -> dict:
+    """Accuracy of both models, their top-1 agreement and the drop, on a validation split.
+    Multi-label (labels (N, K), with the model's `thresholds`): the accuracy of every
+    (image, label) call, and the share of those calls on which the two models agree."""
     right_ref = right_q = same = 0
     batches = torch.arange(len(val)).split(batch_size)
     for _, images, labels in bar(val.iterate(batches, "cpu"), total=len(batches),
                                  desc="measuring int8", unit="batch"):
-        a, b = reference(images).argmax(1), quantized(images).argmax(1)
+        if labels.ndim == 2:
+            a, b = (over_thresholds(model(images).sigmoid(), thresholds)
+                    for model in (reference, quantized))
+            labels = labels > 0.5
+        else:
+            a, b = reference(images).argmax(1), quantized(images).argmax(1)
         right_ref += int((a == labels).sum())
         right_q += int((b == labels).sum())
         same += int((a == b).sum())
-    n = max(len(val), 1)
+    n = max(val.labels[:1].numel() * len(val), 1)  # calls: one per image, or K per image
     return {"images": len(val), "float_accuracy": right_ref / n, "int8_accuracy": right_q / n,
-            "drop_points": 100 * (right_ref - right_q) / n, "agreement": same / n}
+            "drop_points": 100 * (right_ref - right_q) / n, "agreement": same / n,
+            **({"per": "label"} if val.labels.ndim == 2 else {})}
 
 
 def _real_images(lm: LoadedModel, n: int = 32) -> torch.Tensor:

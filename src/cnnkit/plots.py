@@ -39,7 +39,8 @@ def image_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str], o
         img = images[i].permute(1, 2, 0).cpu().numpy()
         ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray",
                   interpolation="nearest")
-        ax.set_title(classes[int(labels[i])], fontsize=7)
+        ax.set_title("|".join(classes[k] for k in labels[i].nonzero().flatten().tolist())
+                     if labels.ndim == 2 else classes[int(labels[i])], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -68,6 +69,9 @@ def plot_curves(metrics: list[dict], out: Path, title: str = "") -> Path:
     ax_loss.plot(epochs, [m["val_loss"] for m in metrics], "-o", ms=3, label="validation")
     ax_acc.plot(epochs, [m["train_acc"] * 100 for m in metrics], "-o", ms=3, label="train")
     ax_acc.plot(epochs, [m["val_acc"] * 100 for m in metrics], "-o", ms=3, label="validation")
+    if all("val_map" in m for m in metrics):  # multi-label
+        ax_acc.plot(epochs, [m["val_map"] * 100 for m in metrics], "-o", ms=3,
+                    label="validation mAP")
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy, %")):
         _integer_epochs(ax)
         ax.set_xlabel("epoch")
@@ -104,7 +108,8 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], out: Path) -> Pa
     return _save(fig, out)
 
 
-def plot_per_class(per_class: dict[str, float | None], out: Path) -> Path:
+def plot_per_class(per_class: dict[str, float | None], out: Path, what: str = "accuracy"
+                   ) -> Path:
     plt = pyplot()
     names = list(per_class)
     values = [100 * (v or 0.0) for v in per_class.values()]
@@ -113,16 +118,28 @@ def plot_per_class(per_class: dict[str, float | None], out: Path) -> Path:
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
-    ax.set_xlabel("accuracy, %")
+    ax.set_xlabel(f"{what}, %")
     for i, v in enumerate(values):
         ax.text(min(v + 1, 92), i, f"{v:.1f}", va="center", fontsize=7)
-    ax.set_title("accuracy per class")
+    ax.set_title(f"{what} per class")
     fig.tight_layout()
     return _save(fig, out)
 
 
-def top_losses(probs: torch.Tensor, labels: torch.Tensor, k: int) -> list[dict]:
-    """The k items with the highest cross-entropy loss, highest first."""
+def top_losses(probs: torch.Tensor, labels: torch.Tensor, k: int,
+               thresholds: list[float] | None = None) -> list[dict]:
+    """The k items with the highest cross-entropy loss, highest first. Multi-label (labels
+    (N, K)): the binary cross-entropy summed over the labels, each item with its true and
+    its called labels (at `thresholds`)."""
+    if labels.ndim == 2:
+        p = probs.double().clamp(1e-12, 1 - 1e-12)
+        losses = -(labels * p.log() + (1 - labels) * (1 - p).log()).sum(1)
+        called = probs >= torch.tensor(thresholds or [0.5] * labels.shape[1],
+                                       dtype=probs.dtype)
+        order = losses.argsort(descending=True, stable=True)[:k]
+        return [{"index": int(i), "labels": labels[i].nonzero().flatten().tolist(),
+                 "called": called[i].nonzero().flatten().tolist(), "loss": float(losses[i])}
+                for i in order]
     losses = -probs[torch.arange(len(labels)), labels].clamp_min(1e-12).log()
     order = losses.argsort(descending=True, stable=True)[:k]
     return [{"index": int(i), "label": int(labels[i]), "pred": int(probs[i].argmax()),
@@ -143,8 +160,15 @@ def plot_top_losses(images: torch.Tensor, items: list[dict], classes: list[str],
         img = images[item["index"]].permute(1, 2, 0).cpu().numpy()
         ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray",
                   interpolation="nearest")
-        ax.set_title(f"true {classes[item['label']]}\npred {classes[item['pred']]} "
-                     f"{item['prob']:.2f}, loss {item['loss']:.2f}", fontsize=8)
+        if "called" in item:  # multi-label
+            def names(ks, most=3):  # a long set would run into its neighbours' titles
+                shown = "|".join(classes[k] for k in ks[:most]) or "-"
+                return shown + (f" +{len(ks) - most}" if len(ks) > most else "")
+            ax.set_title(f"true {names(item['labels'])}\ncalled {names(item['called'])}\n"
+                         f"loss {item['loss']:.2f}", fontsize=7)
+        else:
+            ax.set_title(f"true {classes[item['label']]}\npred {classes[item['pred']]} "
+                         f"{item['prob']:.2f}, loss {item['loss']:.2f}", fontsize=8)
     fig.suptitle("top losses (validation)")
     fig.tight_layout()
     return _save(fig, out)
@@ -191,3 +215,66 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> Path:
             raise CnnkitError(f"{run} is not a run folder (no metrics.csv)")
         curves[Path(run).name] = read_metrics(Path(run))
     return plot_compare(curves, Path(out))
+
+
+def _show(ax, image: torch.Tensor, title: str) -> None:
+    img = image.permute(1, 2, 0).cpu().numpy()
+    ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray", interpolation="nearest")
+    ax.set_title(title, fontsize=7)
+
+
+def plot_images(images: torch.Tensor, titles: list[str], out: Path, title: str = "",
+                cols: int = 6) -> Path:
+    """uint8 (N, C, H, W) images in rows of `cols`, each with its (multi-line) title."""
+    plt = pyplot()
+    cols = min(cols, max(len(images), 1))
+    rows = max(1, math.ceil(len(images) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.2), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, t in zip(axes.flat, images, titles):
+        _show(ax, image, t)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_image_pairs(first: torch.Tensor, second: torch.Tensor, first_titles: list[str],
+                     second_titles: list[str], out: Path, per_row: int = 3) -> Path:
+    """Pairs of images side by side (duplicates), `per_row` pairs to a row."""
+    plt = pyplot()
+    n = len(first)
+    cols, rows = 2 * min(per_row, max(n, 1)), max(1, math.ceil(n / per_row))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.7, rows * 2.1), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k in range(n):
+        row, col = divmod(k, per_row)
+        _show(axes[row, 2 * col], first[k], first_titles[k])
+        _show(axes[row, 2 * col + 1], second[k], second_titles[k])
+    fig.suptitle("duplicate pairs, most similar first (features/pixels)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_class_balance(classes: list[dict], splits: list[str], out: Path) -> Path:
+    """Images per class, stacked by split, with each class's label issues marked."""
+    plt = pyplot()
+    names = [c["class"] for c in classes]
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.3 * len(names) + 1)))
+    left = [0] * len(names)
+    for k, split in enumerate(splits):
+        counts = [c[split] for c in classes]
+        ax.barh(range(len(names)), counts, left=left, color=f"C{k}", label=split)
+        left = [a + b for a, b in zip(left, counts)]
+    for i, c in enumerate(classes):
+        ax.text(left[i], i, f" {c['label_issues']} flagged", va="center", fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(left) * 1.25)
+    ax.set_xlabel("images")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("images per class (label issues flagged by doctor)")
+    fig.tight_layout()
+    return _save(fig, out)

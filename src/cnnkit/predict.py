@@ -1,4 +1,5 @@
-"""`predict`: top classes with softmax probabilities for images of any size or mode, from
+"""`predict`: top classes with softmax probabilities (a multi-label model: the labels over
+their thresholds, and sigmoid probabilities) for images of any size or mode, from
 files, folders (`recursive`) or glob patterns, decoded by a thread pool and inferred in
 batches; optionally written to a CSV as they are done."""
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .checkpoint import LoadedModel, load
 from .data import IMAGE_EXTENSIONS, image_to_tensor, read_image
 from .device import Runtime, select_runtime
 from .errors import SettingsError, first_line
+from .metrics import over_thresholds
 from .progress import bar
 from .transforms import to_input
 
@@ -26,7 +28,9 @@ def predict(run, images, *, top_k: int = 3, device: str = "auto", batch_size: in
             as_frame: bool = False):
     """For each image: {"file", "predictions": [{"class", "probability"}, ...]} best first,
     plus "label" when its folder is named like one of the model's classes; or {"file",
-    "error"} when it cannot be read. `images` holds paths, folders (their images; with
+    "error"} when it cannot be read. A multi-label model's results also hold "labels" (every
+    label over its threshold, possibly none) and "probabilities" (label: sigmoid
+    probability, for every label). `images` holds paths, folders (their images; with
     `recursive`, their subfolders' too), glob patterns or PIL images. With `csv_path`, each
     result is also written there as a row as soon as it is known. `as_frame=True` returns
     a pandas DataFrame with the CSV's columns instead of the list."""
@@ -43,10 +47,11 @@ def predict(run, images, *, top_k: int = 3, device: str = "auto", batch_size: in
     results = bar(iter_predictions(lm, items, top_k=top_k, runtime=runtime,
                                    batch_size=batch_size),
                   total=len(items), desc="predicting", unit="img")
-    results = list(results if csv_path is None else write_csv(results, Path(csv_path), top_k))
+    results = list(results if csv_path is None else
+                   write_csv(results, Path(csv_path), top_k, lm.multi_label))
     if as_frame:
-        return pandas.DataFrame([table_row(r, top_k) for r in results],
-                                columns=table_columns(top_k))
+        return pandas.DataFrame([table_row(r, top_k, lm.multi_label) for r in results],
+                                columns=table_columns(top_k, lm.multi_label))
     return results
 
 
@@ -115,8 +120,9 @@ def iter_predictions(lm: LoadedModel, items: list, *, top_k: int, runtime: Runti
                 upcoming = decode_batch(pool, batches[i + 1], lm)
             tensors = [x for x, _ in decoded if x is not None]
             if tensors:
-                ranked = top_classes(lm, predict_tensor(lm, torch.stack(tensors), runtime),
-                                     top_k)
+                probs = predict_tensor(lm, torch.stack(tensors), runtime)
+                ranked = top_classes(lm, probs, top_k)
+                extra = label_sets(lm, probs)
             j = 0
             for item, (x, error) in zip(batch, decoded):
                 name = item["file"] if isinstance(item, dict) else \
@@ -124,7 +130,7 @@ def iter_predictions(lm: LoadedModel, items: list, *, top_k: int, runtime: Runti
                 if x is None:
                     yield {"file": name, "error": error}
                     continue
-                result = {"file": name, "predictions": ranked[j]}
+                result = {"file": name, "predictions": ranked[j], **extra[j]}
                 if isinstance(item, Path) and item.parent.name in known:
                     result["label"] = item.parent.name
                 j += 1
@@ -138,46 +144,66 @@ def top_classes(lm: LoadedModel, probs: torch.Tensor, top_k: int) -> list[list[d
             for values, indices in zip(top.values.tolist(), top.indices.tolist())]
 
 
+def label_sets(lm: LoadedModel, probs: torch.Tensor) -> list[dict]:
+    """Per image, what a multi-label model adds to its result: "labels", every label whose
+    probability reaches its threshold (best first; possibly none), and "probabilities" of
+    every label. Nothing for a single-label model."""
+    if not lm.multi_label:
+        return [{} for _ in range(len(probs))]
+    called = over_thresholds(probs, lm.thresholds)
+    out = []
+    for p, c in zip(probs.tolist(), called.tolist()):
+        order = sorted((k for k in range(len(p)) if c[k]), key=lambda k: -p[k])
+        out.append({"labels": [lm.classes[k] for k in order],
+                    "probabilities": dict(zip(lm.classes, p))})
+    return out
+
+
 @torch.inference_mode()
 def predict_tensor(lm: LoadedModel, images: torch.Tensor, runtime: Runtime,
                    batch_size: int = 256) -> torch.Tensor:
-    """Softmax probabilities (N, K) for a uint8 batch already at the model's input size."""
+    """Probabilities (N, K) for a uint8 batch already at the model's input size: softmax,
+    or for a multi-label model a sigmoid per label."""
     out = []
     for chunk in images.split(batch_size):
         x = chunk if lm.takes_pixels else to_input(
             chunk.to(runtime.device), lm.mean, lm.std, memory_format=runtime.memory_format)
-        out.append(lm.model(x).float().softmax(1).cpu())
+        logits = lm.model(x).float()
+        out.append((logits.sigmoid() if lm.multi_label else logits.softmax(1)).cpu())
     return torch.cat(out)
 
 
-def table_columns(top_k: int) -> list[str]:
-    """The columns of a prediction table (the CSV, the DataFrame)."""
-    columns = ["file", "predicted", "probability"]
+def table_columns(top_k: int, multi_label: bool = False) -> list[str]:
+    """The columns of a prediction table (the CSV, the DataFrame); a multi-label model's
+    has "labels" second: the labels over their thresholds, joined with '|'."""
+    columns = ["file", "labels", "predicted", "probability"] if multi_label else \
+        ["file", "predicted", "probability"]
     for i in range(2, top_k + 1):
         columns += [f"class_{i}", f"probability_{i}"]
     return columns + ["label", "error"]
 
 
-def table_row(r: dict, top_k: int) -> list:
+def table_row(r: dict, top_k: int, multi_label: bool = False) -> list:
     """One result as a row of `table_columns`: empty cells where it has no value."""
-    row = [r["file"]]
+    row = [r["file"]] + (["|".join(r.get("labels", []))] if multi_label else [])
     preds = r.get("predictions", [])
     for i in range(top_k):
         row += [preds[i]["class"], preds[i]["probability"]] if i < len(preds) else ["", None]
     return row + [r.get("label", ""), r.get("error", "")]
 
 
-def write_csv(results: Iterable[dict], path: Path, top_k: int) -> Iterator[dict]:
+def write_csv(results: Iterable[dict], path: Path, top_k: int, multi_label: bool = False
+              ) -> Iterator[dict]:
     """Pass results through, writing each as a CSV row as it comes (flushed, so a long run
-    can be watched and a crash keeps what was done): file, predicted class and probability,
-    the next classes and probabilities, the true label (from the folder name) and any
-    error."""
+    can be watched and a crash keeps what was done): file, (multi-label: the labels called,)
+    predicted class and probability, the next classes and probabilities, the true label
+    (from the folder name) and any error."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(table_columns(top_k))
+        writer.writerow(table_columns(top_k, multi_label))
         for r in results:
             writer.writerow(["" if v is None else f"{v:.6f}" if isinstance(v, float) else v
-                             for v in table_row(r, top_k)])
+                             for v in table_row(r, top_k, multi_label)])
             f.flush()
             yield r
 
@@ -187,6 +213,10 @@ def accuracy_line(results: list[dict]) -> str | None:
     labelled = [r for r in results if "label" in r]
     if not labelled:
         return None
+    if "labels" in labelled[0]:  # multi-label: the folder names one label of each image
+        found = sum(r["label"] in r["labels"] for r in labelled)
+        return f"the folder's label called for {found} of {len(labelled)} images whose " \
+               "folder names a label"
     right = sum(r["predictions"][0]["class"] == r["label"] for r in labelled)
     return f"accuracy {right / len(labelled):.4f} on {len(labelled)} images whose folder " \
            "names their class"
@@ -198,5 +228,7 @@ def format_predictions(results: list[dict]) -> str:
         if "error" in r:
             continue  # errors go to stderr, one line each
         preds = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
+        if "labels" in r:  # multi-label: the labels called, then the most probable ones
+            preds = f"{'|'.join(r['labels']) or '(no label)'}  ({preds})"
         lines.append(f"{r['file']}: {preds}")
     return "\n".join(lines)

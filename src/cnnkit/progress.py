@@ -45,11 +45,13 @@ class EpochTable:
     epochs: int
     val_name: str = "val"
     top5: bool = False
+    mean_ap: bool = False  # multi-label: a column of the validation mAP
 
     def _columns(self) -> list[tuple[str, int]]:
         v = self.val_name
         return [("epoch", 7), ("train loss", 12), ("train acc", 11), (f"{v} loss", 11),
                 (f"{v} acc", 10)] + ([("top-5", 8)] if self.top5 else []) + \
+            ([(f"{v} mAP", 10)] if self.mean_ap else []) + \
             [("lr", 10), ("time", 8), ("left", 8)]
 
     def header(self) -> str:
@@ -65,6 +67,8 @@ class EpochTable:
                  f"{m['train_acc']:.4f}", f"{m['val_loss']:.4f}", f"{m['val_acc']:.4f}"]
         if self.top5:
             cells.append(f"{m.get('val_top5', float('nan')):.4f}")
+        if self.mean_ap:
+            cells.append(f"{m.get('val_map', float('nan')):.4f}")
         cells += [f"{m['lr']:.2e}" if "lr" in m else "-", _duration(spent[-1]),
                   _duration(left)]
         line = "".join(f"{c:>{w}}" for c, (_, w) in zip(cells, self._columns()))

@@ -36,6 +36,9 @@ def write_report(out: Path, *, evaluation: dict, images: torch.Tensor, labels: t
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = evaluation["classes"]
+    if evaluation.get("multi_label"):
+        return _write_multilabel_report(out, evaluation, images, labels, probs, metrics,
+                                        settings, top_k, model)
     confusion = torch.tensor(evaluation["confusion_matrix"])
     top = top_losses(probs, labels.cpu(), min(top_k, len(labels)))
     drawings = []  # (title, file, how), drawn in this order under one progress bar
@@ -60,6 +63,49 @@ def write_report(out: Path, *, evaluation: dict, images: torch.Tensor, labels: t
     page = _html(evaluation, metrics or [], settings or {}, confused, pictures)
     atomic_write(out / "report.html", lambda f: f.write(page.encode()))
     return out / "report.html"
+
+
+def _write_multilabel_report(out: Path, evaluation: dict, images, labels, probs, metrics,
+                             settings, top_k: int, model) -> Path:
+    """A multi-label model's pictures and report: no confusion matrix (labels are called
+    one by one, none in place of another); AP per label, and the images with the largest
+    binary cross-entropy."""
+    classes = evaluation["classes"]
+    per_label = evaluation["per_label"]
+    thresholds = [per_label[c]["threshold"] for c in classes]
+    top = top_losses(probs, labels.cpu(), min(top_k, len(labels)), thresholds)
+    drawings = []
+    if metrics:
+        drawings.append(("Training curves", "curves.png", lambda p: plot_curves(metrics, p)))
+    drawings += [
+        ("Average precision per label", "per-label-ap.png",
+         lambda p: plot_per_class({c: m["average_precision"] for c, m in per_label.items()},
+                                  p, what="average precision")),
+        ("Top losses", "top-losses.png",
+         lambda p: plot_top_losses(images.cpu(), top, classes, p))]
+    if model is not None:
+        drawings.append(("First-layer filters", "filters.png",
+                         lambda p: Path(filters(model, p)["file"])))
+    pictures = {title: draw(out / name) for title, name, draw in
+                bar(drawings, desc="drawing the report", unit="picture")}
+    record = {**evaluation, "top_losses": top}
+    atomic_write(out / "evaluation.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
+    page = _html(evaluation, metrics or [], settings or {}, [], pictures)
+    atomic_write(out / "report.html", lambda f: f.write(page.encode()))
+    return out / "report.html"
+
+
+def _label_table(evaluation: dict) -> str:
+    """The per-label table of a multi-label evaluation, with its macro averages."""
+    def cell(v):
+        return "-" if v is None else f"{v:.4f}"
+    rows = [(c, cell(m["average_precision"]), cell(m["f1"]), cell(m["precision"]),
+             cell(m["recall"]), cell(m["threshold"]), m["support"])
+            for c, m in evaluation["per_label"].items()]
+    avg = evaluation["macro_avg"]
+    rows.append(("macro average", cell(evaluation["mean_average_precision"]), cell(avg["f1"]),
+                 cell(avg["precision"]), cell(avg["recall"]), "", ""))
+    return _table(rows, ["label", "AP", "f1", "precision", "recall", "threshold", "images"])
 
 
 def show_batch(data: str, out: str | Path, *, n: int = 64, seed: int = 0,
@@ -97,7 +143,11 @@ def _table(rows, head=None) -> str:
 def _html(evaluation, metrics, settings, confused, pictures) -> str:
     title = settings.get("run_dir") or evaluation.get("data", "evaluation")
     last = metrics[-1] if metrics else {}
-    summary = [("accuracy", f"{evaluation['accuracy']:.4f}")]
+    multi = evaluation.get("multi_label", False)
+    summary = [("mAP", f"{evaluation['mean_average_precision']:.4f}"),
+               ("accuracy of each (image, label) call", f"{evaluation['accuracy']:.4f}"),
+               ("exact match (whole label sets)", f"{evaluation['exact_match']:.4f}")] \
+        if multi else [("accuracy", f"{evaluation['accuracy']:.4f}")]
     if "top5_accuracy" in evaluation:
         summary.append(("top-5 accuracy", f"{evaluation['top5_accuracy']:.4f}"))
     summary += [("loss", f"{evaluation['loss']:.4f}"),
@@ -117,9 +167,23 @@ def _html(evaluation, metrics, settings, confused, pictures) -> str:
                     ["class", "precision", "recall", "f1", "images"])
     pairs = _table([(c["true"], c["pred"], c["count"]) for c in confused],
                    ["true class", "predicted as", "images"]) if confused else "<p>none</p>"
+    scores = f"<h2>Precision, recall and F1 per class</h2>{scores}" \
+        f"<h2>Most confused classes</h2>{pairs}" if not multi else \
+        f"<h2>Per label: average precision, and F1, precision and recall at its " \
+        f"threshold</h2>{_label_table(evaluation)}"
+    body = f"""<h2>Results</h2>{_table(summary)}
+{scores}
+{''.join(sections)}
+<h2>Settings</h2>{_table(keep, ["setting", "value"]) if keep else "<p>-</p>"}"""
+    return html_page("cnnkit report", str(title), body)
+
+
+def html_page(heading: str, subject: str, body: str) -> str:
+    """A self-contained page in the look of every cnnkit report: `heading` about
+    `subject` (a run folder, a data set)."""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<title>cnnkit report: {html.escape(str(title))}</title>
+<title>{html.escape(heading)}: {html.escape(subject)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
 img {{ max-width: 100%; border: 1px solid #ddd; }}
@@ -127,12 +191,8 @@ table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 td, th {{ border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; }}
 th {{ background: #f0f0f0; }}
 </style></head><body>
-<h1>cnnkit report</h1>
-<p>{html.escape(str(title))}</p>
-<h2>Results</h2>{_table(summary)}
-<h2>Precision, recall and F1 per class</h2>{scores}
-<h2>Most confused classes</h2>{pairs}
-{''.join(sections)}
-<h2>Settings</h2>{_table(keep, ["setting", "value"]) if keep else "<p>-</p>"}
+<h1>{html.escape(heading)}</h1>
+<p>{html.escape(subject)}</p>
+{body}
 </body></html>
 """

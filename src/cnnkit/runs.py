@@ -19,7 +19,7 @@ from .errors import CnnkitError, SettingsError
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds",
                   "val_seconds"]
-OPTIONAL_COLUMNS = ["val_top5", "lr"]
+OPTIONAL_COLUMNS = ["val_top5", "val_map", "lr"]  # val_map: multi-label runs
 
 
 class RunFolder:
@@ -168,8 +168,9 @@ class TensorBoard:
         self.writer.add_images("train/batch", images.cpu(), 0)
 
     def log(self, row: dict, lr: float) -> None:
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
-            self.writer.add_scalar(key.replace("_", "/", 1), row[key], row["epoch"])
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_map"):
+            if key in row:
+                self.writer.add_scalar(key.replace("_", "/", 1), row[key], row["epoch"])
         self.writer.add_scalar("lr", lr, row["epoch"])
         self.writer.flush()
 

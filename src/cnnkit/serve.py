@@ -33,7 +33,7 @@ from .checkpoint import LoadedModel, load
 from .data import read_image
 from .device import select_runtime
 from .errors import first_line
-from .predict import predict_tensor, top_classes
+from .predict import label_sets, predict_tensor, top_classes
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -146,6 +146,9 @@ class ClassProbability(BaseModel):
 class Prediction(BaseModel):
     file: str
     predictions: list[ClassProbability]
+    labels: list[str] | None = Field(None, description="a multi-label model's answer: every "
+                                     "label whose probability reaches its threshold, most "
+                                     "probable first (possibly none); absent otherwise")
 
 
 class ModelInfo(BaseModel):
@@ -153,6 +156,8 @@ class ModelInfo(BaseModel):
     classes: list[str]
     input_size: list[int]
     val_accuracy: float | None
+    multi_label: bool = False
+    thresholds: list[float] | None = None
 
 
 class Error(BaseModel):
@@ -202,9 +207,12 @@ def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0,
     def model_info():
         return {"model": lm.name, "classes": lm.classes,
                 "input_size": [lm.in_channels, *lm.image_size],
-                "val_accuracy": lm.metrics.get("val_acc")}
+                "val_accuracy": lm.metrics.get("val_acc"), "multi_label": lm.multi_label,
+                "thresholds": lm.thresholds}
 
-    @app.post("/predict", response_model=list[Prediction], responses=ERRORS)
+    # a single-label model's answers stay as they were: no "labels": null
+    @app.post("/predict", response_model=list[Prediction], responses=ERRORS,
+              response_model_exclude_none=True)
     async def predict_files(
             files: Annotated[list[UploadFile], File(min_length=1, max_length=max_files,
                                                     description="image files")],
@@ -219,8 +227,11 @@ def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0,
                 None, decode_all, data, names)
         finally:
             batcher.decoding -= 1
-        ranked = top_classes(lm, await batcher(images), top_k)
-        return [{"file": name, "predictions": p} for name, p in zip(names, ranked)]
+        probs = await batcher(images)
+        ranked = top_classes(lm, probs, top_k)
+        called = [{"labels": s["labels"]} if s else {} for s in label_sets(lm, probs)]
+        return [{"file": name, "predictions": p, **c}
+                for name, p, c in zip(names, ranked, called)]
 
     def decode_all(data: list[bytes], names: list[str]) -> torch.Tensor:
         for blob, name in zip(data, names):

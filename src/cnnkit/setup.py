@@ -17,7 +17,7 @@ from . import distributed
 from .checkpoint import (RunInfo, as_checkpoint, is_checkpoint, load_weights, model_description,
                          read_run, read_weights_file)
 from .config import Config, fill_recipe_defaults, parse_widths
-from .data import Dataset, check_source, expected_input, load_dataset
+from .data import Dataset, check_multi_label, check_source, expected_input, load_dataset
 from .device import Runtime, synchronize
 from .engine import TrainStep, balanced_weights, batch_order, to_device, train_one_epoch
 from .errors import SettingsError
@@ -32,6 +32,9 @@ def preflight(cfg: Config, check_out: bool = True) -> None:
     the images will be big enough for the model, the output folder and weights file."""
     model_entry(cfg.model)
     check_source(cfg.data)
+    if cfg.multi_label:
+        check_multi_label(cfg.data)
+        check_multi_label_settings(cfg, True)
     channels, size = expected_input(cfg.data, cfg.image_size, cfg.channels)
     args = {"widths": parse_widths(cfg.width)} if cfg.width else {}
     model = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size,
@@ -52,6 +55,17 @@ def preflight(cfg: Config, check_out: bool = True) -> None:
         raise SettingsError(f"--weights {cfg.weights}: no such file")
     if cfg.out is not None and check_out:  # (under DDP rank 0 may already have made it)
         check_new_run_dir(Path(cfg.out))
+
+
+def check_multi_label_settings(cfg: Config, multi_label: bool) -> None:
+    """Settings that assume one class per image. (Label smoothing is left out of the
+    binary cross-entropy instead: it is on by default.)"""
+    if not multi_label:
+        return
+    for flag, on in (("--balance", cfg.balance), ("--linear-probe", cfg.linear_probe)):
+        if on:
+            raise SettingsError(f"{flag} assumes one class per image; this data is "
+                                f"multi-label: drop {flag}")
 
 
 def start_weights(model, cfg: Config, ds: Dataset) -> None:
@@ -81,19 +95,32 @@ def pretrained_form(cfg: Config) -> bool:
         read_weights_file(cfg.weights))
 
 
+def input_settings(cfg: Config) -> tuple[Config, tuple | None]:
+    """The image size and (mean, std) that pretrained weights bring, unless given."""
+    if not pretrained_form(cfg):
+        return cfg, None
+    info = model_entry(cfg.model).pretrained_info()
+    return (dataclasses.replace(cfg, image_size=cfg.image_size or info["image_size"]),
+            (info["mean"], info["std"]))
+
+
+def load_data(cfg: Config) -> Dataset:
+    """cfg.data as a run with these settings sees it: its splits, size and channels."""
+    return load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
+                        val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict,
+                        stream=True if cfg.stream else None, max_memory=cfg.max_memory,
+                        channels=cfg.channels, multi_label=cfg.multi_label)
+
+
 def prepare(cfg: Config, runtime: Runtime, dataset: Dataset | None = None):
     """The data and the freshly initialised model a run with these settings trains:
     (config with the recipe's open settings filled, dataset, model, model args, mean, std).
     A `dataset` already loaded (e.g. one fold of `cnnkit doctor`) replaces cfg.data's."""
-    norm = None
-    if pretrained_form(cfg):  # the weights' own input size and normalization, unless given
-        info = model_entry(cfg.model).pretrained_info()
-        cfg = dataclasses.replace(cfg, image_size=cfg.image_size or info["image_size"])
-        norm = info["mean"], info["std"]
-    ds = dataset or load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size,
-                                 val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                 strict=cfg.strict, stream=True if cfg.stream else None,
-                                 max_memory=cfg.max_memory, channels=cfg.channels)
+    cfg, norm = input_settings(cfg)
+    ds = dataset or load_data(cfg)
+    check_multi_label_settings(cfg, ds.multi_label)
+    # the saved config says whether the run is multi-label, flag or not
+    cfg = dataclasses.replace(cfg, multi_label=ds.multi_label)
     cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type, ds.image_size)
     torch.manual_seed(cfg.seed)
     model_args = {"widths": list(parse_widths(cfg.width))} if cfg.width else {}

@@ -127,11 +127,13 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
             if cfg.tensorboard and dist.main else None
         for note in ds.notes:
             log(note)
-        where = f"{dist.world} processes ({'nccl' if runtime.device.type == 'cuda' else 'gloo'}" \
+        backend = "nccl" if runtime.device.type == "cuda" else "gloo"
+        where = f"{dist.world} process{'es' if dist.world > 1 else ''} ({backend}" \
             f"{', SyncBatchNorm' if cfg.sync_bn else ''}) on {runtime.device.type}" \
             if dist.enabled else f"on {runtime.device}"
         log(f"data: {ds.name}: {len(ds.train)} train, {len(ds.val)} {ds.val_name} images, "
-            f"{len(ds.classes)} classes, {ds.in_channels}×{ds.image_size[0]}×{ds.image_size[1]}")
+            f"{len(ds.classes)} {'labels (multi-label)' if ds.multi_label else 'classes'}, "
+            f"{ds.in_channels}×{ds.image_size[0]}×{ds.image_size[1]}")
         log(f"model: {cfg.model} ({sum(p.numel() for p in model.parameters()):,} parameters), "
             f"recipe {cfg.recipe}, {cfg.epochs} epochs, batch {cfg.batch_size}, {run.plan}, "
             f"{where}; run folder {run_dir}" + (f"; resuming after epoch {first_epoch - 1}"
@@ -144,14 +146,16 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
         if final is not None and dist.main:  # the pictures and report.html of the final model
             write_report(run_dir, evaluation=evaluation_record(
                 final.confusion, final.loss, ds.classes, ds.source, ds.val_name, final.probs,
-                ds.val.labels),
+                ds.val.labels, final.thresholds),
                 images=ds.val.images, labels=ds.val.labels, probs=final.probs,
                 metrics=result.metrics, settings=run.info.to_dict(),
                 model=load(run_dir / "last.pt"))
-    best = max(m["val_acc"] for m in result.metrics)
-    log(f"done: {ds.val_name} accuracy {result.metrics[-1]['val_acc']:.4f} (best {best:.4f}) "
-        f"after {sum(m['seconds'] for m in result.metrics):.1f}s of training; run saved in "
-        f"{result.run_dir}")
+    key = _selected_by(ds)
+    best, last = max(m[key] for m in result.metrics), result.metrics[-1]
+    what = f"mAP {last[key]:.4f} (best {best:.4f}), accuracy {last['val_acc']:.4f}" \
+        if key == "val_map" else f"accuracy {last[key]:.4f} (best {best:.4f})"
+    log(f"done: {ds.val_name} {what} after {sum(m['seconds'] for m in result.metrics):.1f}s "
+        f"of training; run saved in {result.run_dir}")
     return result
 
 
@@ -161,10 +165,12 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
     cfg, model, step, dist, runtime = run.cfg, run.model, run.step, run.dist, run.runtime
     wrap = wrapper(cfg, dist, runtime)
     net, trained = wrap(model), _trained_set(model)
-    best = max((m["val_acc"] for m in result.metrics), default=-1.0)
+    multi, key = run.ds.multi_label, _selected_by(run.ds)
+    best = max((m[key] for m in result.metrics), default=-1.0)
     epoch, ev = first_epoch, None
     replanning = cfg.time_budget is not None and first_epoch == 0  # a resume keeps its plan
-    table = EpochTable(cfg.epochs, run.ds.val_name, top5=len(run.ds.classes) > 5)
+    table = EpochTable(cfg.epochs, run.ds.val_name, top5=len(run.ds.classes) > 5 and not multi,
+                       mean_ap=multi)
     try:
         while epoch < run.cfg.epochs:  # a time budget re-plans the epochs as it goes
             model.on_epoch(epoch, cfg)
@@ -207,11 +213,13 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
             row = dict(epoch=epoch, train_loss=stats.loss, train_acc=stats.accuracy,
                        val_loss=ev.loss, val_acc=ev.accuracy, seconds=seconds,
                        val_seconds=time.perf_counter() - start, lr=lr,
-                       **({"val_top5": ev.top5} if ev.top5 is not None else {}))
+                       **({"val_top5": ev.top5} if ev.top5 is not None else {}),
+                       **({"val_map": ev.mean_ap} if ev.mean_ap is not None else {}))
             result.metrics.append(row)
-            improved, best = ev.accuracy > best, max(best, ev.accuracy)
+            improved, best = row[key] > best, max(best, row[key])
             if dist.main:
-                save_epoch(run_dir, build_checkpoint(run.info, evaluated, epoch, row), improved,
+                save_epoch(run_dir, build_checkpoint(run.info, evaluated, epoch, row,
+                                                     ev.thresholds), improved,
                            training_state(model, step.optimizer, step.scheduler, step.ema,
                                           run.generator, runtime.device, steps_done,
                                           run.total_steps, result.metrics, step.scaler))
@@ -221,8 +229,10 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
                 log(table.header())
             log(table.row(result.metrics, improved,
                           f"(tta {cfg.tta})" if cfg.tta and last else ""))
-            if cfg.patience and _epochs_since_best(result.metrics) >= cfg.patience and not last:
-                log(f"stopping early: {run.ds.val_name} accuracy has not improved for "
+            if cfg.patience and _epochs_since_best(result.metrics, key) >= cfg.patience and \
+                    not last:
+                log(f"stopping early: {run.ds.val_name} {'mAP' if multi else 'accuracy'} has "
+                    f"not improved for "
                     f"{cfg.patience} epochs (best {best:.4f}, kept in best.pt); train every "
                     "epoch without --patience")
                 break
@@ -238,9 +248,16 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
     return ev
 
 
-def _epochs_since_best(metrics: list[dict]) -> int:
-    accs = [m["val_acc"] for m in metrics]
+def _epochs_since_best(metrics: list[dict], key: str = "val_acc") -> int:
+    accs = [m[key] for m in metrics]
     return len(accs) - 1 - accs.index(max(accs))
+
+
+def _selected_by(ds: Dataset) -> str:
+    """The metric that picks best.pt and --patience's epoch: accuracy, or for multi-label
+    data mAP (its accuracy is at thresholds tuned to F1, which trades it away; mAP needs
+    no threshold)."""
+    return "val_map" if ds.multi_label else "val_acc"
 
 
 def _trained_set(model) -> tuple[bool, ...]:
