@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 0.95)")
     dr.add_argument("--fix", action="store_true", help="also write clean.csv: a path,label "
                     "listing of the images not flagged, for cnnkit train --data clean.csv")
-    _config_flags(dr, skip=("data",))
+    _config_flags(dr, skip=("data", "multi_label"))
     dr.set_defaults(func=cmd_doctor)
 
     sb = sub.add_parser("show-batch", help="save a grid of training images with class names")

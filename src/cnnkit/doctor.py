@@ -38,7 +38,7 @@ from .device import select_runtime
 from .engine import embed, evaluate_split
 from .errors import SettingsError
 from .plots import plot_class_balance, plot_image_pairs, plot_images
-from .report import _img as img_tag, _table as table, html_page
+from .report import html_page, html_table, img_tag
 from .runs import RunFolder
 from .setup import input_settings, load_data, preflight
 from .train import train
@@ -394,29 +394,27 @@ def _draw(where: Path, pool: Pool, classes, issues, pairs, class_rows) -> dict[s
 
 def _html(summary, classes, issues, pairs, pictures) -> str:
     splits = list(summary["splits"])
+    overview = [(k.replace("_", " "), ", ".join(f"{n} {s}" for s, n in v.items())
+                 if isinstance(v, dict) else v) for k, v in summary.items()]
+    per_class = [(c["class"], c["images"], *(c[s] for s in splits), c["label_issues"],
+                  f"{c['label_noise']:.3f}", f"{c['label_quality']:.3f}") for c in classes]
+    suspects = [(r["rank"], r["image"], r["split"], r["given"], r["suggested"],
+                 f"{r['confidence']:.3f}") for r in issues[:50]]
+    duplicates = [(p["kind"], f"{p['feature_similarity']:.4f}", f"{p['pixel_similarity']:.4f}",
+                   p["image"], p["split"], p["label"], p["other"], p["other_split"],
+                   p["other_label"], "leak" if p["leak"] else "",
+                   "labels differ" if p["conflict"] else "") for p in pairs[:50]]
+    none = "<p>none found</p>"
     sections = [
-        ("Summary", table([(k.replace("_", " "), v if not isinstance(v, dict) else
-                            ", ".join(f"{n} {s}" for s, n in v.items()))
-                           for k, v in summary.items()])),
-        ("Classes", table([(c["class"], c["images"], *(c[s] for s in splits),
-                            c["label_issues"], f"{c['label_noise']:.3f}",
-                            f"{c['label_quality']:.3f}") for c in classes],
-                          ["class", "images", *splits, "label issues", "label noise",
-                           "label quality"]))]
-    sections += [(name, img_tag(path)) for name, path in pictures.items()]
-    sections.append(("Likely label errors (top 50)", table(
-        [(r["rank"], r["image"], r["split"], r["given"], r["suggested"],
-          f"{r['confidence']:.3f}") for r in issues[:50]],
-        ["rank", "image", "split", "given label", "suggested", "confidence"])
-        if issues else "<p>none found</p>"))
-    sections.append(("Duplicate pairs (top 50)", table(
-        [(p["kind"], f"{p['feature_similarity']:.4f}", f"{p['pixel_similarity']:.4f}",
-          p["image"], p["split"], p["label"],
-          p["other"], p["other_split"], p["other_label"],
-          "leak" if p["leak"] else "", "labels differ" if p["conflict"] else "")
-         for p in pairs[:50]],
-        ["kind", "features", "pixels", "image", "split", "label", "other image", "split",
-         "label",
-         "", ""]) if pairs else "<p>none found</p>"))
+        ("Summary", html_table(overview)),
+        ("Classes", html_table(per_class, ["class", "images", *splits, "label issues",
+                                           "label noise", "label quality"])),
+        *[(name, img_tag(path)) for name, path in pictures.items()],
+        ("Likely label errors (top 50)", html_table(suspects, [
+            "rank", "image", "split", "given label", "suggested", "confidence"])
+         if issues else none),
+        ("Duplicate pairs (top 50)", html_table(duplicates, [
+            "kind", "features", "pixels", "image", "split", "label", "other image", "split",
+            "label", "", ""]) if pairs else none)]
     body = "".join(f"<h2>{html.escape(name)}</h2>{content}" for name, content in sections)
     return html_page("cnnkit doctor", summary["data"], body)

@@ -27,28 +27,10 @@ def _integer_epochs(ax) -> None:
 def image_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str], out: Path,
                title: str | None = None) -> Path:
     """A square-ish grid of uint8 (N, C, H, W) images titled with their class names."""
-    plt = pyplot()
-    n = len(images)
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.45), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= n:
-            continue
-        img = images[i].permute(1, 2, 0).cpu().numpy()
-        ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray",
-                  interpolation="nearest")
-        ax.set_title("|".join(classes[k] for k in labels[i].nonzero().flatten().tolist())
-                     if labels.ndim == 2 else classes[int(labels[i])], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    titles = ["|".join(classes[k] for k in labels[i].nonzero().flatten().tolist())
+              if labels.ndim == 2 else classes[int(labels[i])] for i in range(len(images))]
+    return plot_images(images, titles, out, title or "", cols=math.ceil(math.sqrt(len(images))),
+                       cell=(1.3, 1.45))
 
 
 def _save(fig, out: Path) -> Path:
@@ -149,29 +131,15 @@ def top_losses(probs: torch.Tensor, labels: torch.Tensor, k: int,
 def plot_top_losses(images: torch.Tensor, items: list[dict], classes: list[str],
                     out: Path) -> Path:
     """The most confidently wrong validation images: true class, prediction, probability."""
-    plt = pyplot()
-    n = len(items)
-    cols = min(4, max(n, 1))
-    rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 2.8), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, item in zip(axes.flat, items):
-        img = images[item["index"]].permute(1, 2, 0).cpu().numpy()
-        ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray",
-                  interpolation="nearest")
-        if "called" in item:  # multi-label
-            def names(ks, most=3):  # a long set would run into its neighbours' titles
-                shown = "|".join(classes[k] for k in ks[:most]) or "-"
-                return shown + (f" +{len(ks) - most}" if len(ks) > most else "")
-            ax.set_title(f"true {names(item['labels'])}\ncalled {names(item['called'])}\n"
-                         f"loss {item['loss']:.2f}", fontsize=7)
-        else:
-            ax.set_title(f"true {classes[item['label']]}\npred {classes[item['pred']]} "
-                         f"{item['prob']:.2f}, loss {item['loss']:.2f}", fontsize=8)
-    fig.suptitle("top losses (validation)")
-    fig.tight_layout()
-    return _save(fig, out)
+    def names(ks, most=3):  # a long label set would run into its neighbours' titles
+        shown = "|".join(classes[k] for k in ks[:most]) or "-"
+        return shown + (f" +{len(ks) - most}" if len(ks) > most else "")
+    titles = [f"true {names(item['labels'])}\ncalled {names(item['called'])}\n"
+              f"loss {item['loss']:.2f}" if "called" in item else  # multi-label
+              f"true {classes[item['label']]}\npred {classes[item['pred']]} "
+              f"{item['prob']:.2f}, loss {item['loss']:.2f}" for item in items]
+    return plot_images(images[[item["index"] for item in items]], titles, out,
+                       "top losses (validation)", cols=4, cell=(2.6, 2.8), fontsize=8)
 
 
 def plot_lr_find(lrs: list[float], losses: list[float], suggested: float, out: Path) -> Path:
@@ -217,23 +185,26 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> Path:
     return plot_compare(curves, Path(out))
 
 
-def _show(ax, image: torch.Tensor, title: str) -> None:
+def _show(ax, image: torch.Tensor, title: str, fontsize: float = 7) -> None:
     img = image.permute(1, 2, 0).cpu().numpy()
     ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray", interpolation="nearest")
-    ax.set_title(title, fontsize=7)
+    ax.set_title(title, fontsize=fontsize)
 
 
 def plot_images(images: torch.Tensor, titles: list[str], out: Path, title: str = "",
-                cols: int = 6) -> Path:
-    """uint8 (N, C, H, W) images in rows of `cols`, each with its (multi-line) title."""
+                cols: int = 6, cell: tuple[float, float] = (1.9, 2.2),
+                fontsize: float = 7) -> Path:
+    """uint8 (N, C, H, W) images in rows of `cols`, each with its (multi-line) title, in
+    cells of `cell` inches."""
     plt = pyplot()
     cols = min(cols, max(len(images), 1))
     rows = max(1, math.ceil(len(images) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.2), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell[0], rows * cell[1]),
+                             squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, t in zip(axes.flat, images, titles):
-        _show(ax, image, t)
+        _show(ax, image, t, fontsize)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -105,7 +105,7 @@ def _label_table(evaluation: dict) -> str:
     avg = evaluation["macro_avg"]
     rows.append(("macro average", cell(evaluation["mean_average_precision"]), cell(avg["f1"]),
                  cell(avg["precision"]), cell(avg["recall"]), "", ""))
-    return _table(rows, ["label", "AP", "f1", "precision", "recall", "threshold", "images"])
+    return html_table(rows, ["label", "AP", "f1", "precision", "recall", "threshold", "images"])
 
 
 def show_batch(data: str, out: str | Path, *, n: int = 64, seed: int = 0,
@@ -127,12 +127,12 @@ def show_batch(data: str, out: str | Path, *, n: int = 64, seed: int = 0,
     return image_grid(images, ds.train.labels[index], ds.classes, Path(out), title=title)
 
 
-def _img(path: Path) -> str:
+def img_tag(path: Path) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(Path(path).stem)}">'
 
 
-def _table(rows, head=None) -> str:
+def html_table(rows, head=None) -> str:
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
                     for r in rows)
     header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" \
@@ -158,23 +158,23 @@ def _html(evaluation, metrics, settings, confused, pictures) -> str:
                     ("training seconds", f"{sum(m['seconds'] for m in metrics):.1f}"),
                     ("final train accuracy", f"{last['train_acc']:.4f}")]
     keep = [(k, v) for k, v in settings.items() if not isinstance(v, (list, dict))]
-    sections = [f"<h2>{html.escape(name)}</h2>{_img(path)}" for name, path in pictures.items()]
-    scores = _table([(c, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}",
+    sections = [f"<h2>{html.escape(name)}</h2>{img_tag(path)}" for name, path in pictures.items()]
+    scores = html_table([(c, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}",
                       m["support"]) for c, m in evaluation.get("per_class", {}).items()] +
                     [(f"{a} average", *(f"{evaluation[a + '_avg'][k]:.4f}" for k in
                                         ("precision", "recall", "f1")), evaluation["num_images"])
                      for a in ("macro", "weighted") if a + "_avg" in evaluation],
                     ["class", "precision", "recall", "f1", "images"])
-    pairs = _table([(c["true"], c["pred"], c["count"]) for c in confused],
+    pairs = html_table([(c["true"], c["pred"], c["count"]) for c in confused],
                    ["true class", "predicted as", "images"]) if confused else "<p>none</p>"
     scores = f"<h2>Precision, recall and F1 per class</h2>{scores}" \
         f"<h2>Most confused classes</h2>{pairs}" if not multi else \
         f"<h2>Per label: average precision, and F1, precision and recall at its " \
         f"threshold</h2>{_label_table(evaluation)}"
-    body = f"""<h2>Results</h2>{_table(summary)}
+    body = f"""<h2>Results</h2>{html_table(summary)}
 {scores}
 {''.join(sections)}
-<h2>Settings</h2>{_table(keep, ["setting", "value"]) if keep else "<p>-</p>"}"""
+<h2>Settings</h2>{html_table(keep, ["setting", "value"]) if keep else "<p>-</p>"}"""
     return html_page("cnnkit report", str(title), body)
 
 
