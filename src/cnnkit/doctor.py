@@ -35,7 +35,7 @@ from .checkpoint import atomic_write, load
 from .config import make_config
 from .data import Dataset, Split, StreamSplit
 from .device import select_runtime
-from .engine import embed, evaluate_split
+from .engine import embed
 from .errors import SettingsError
 from .plots import plot_class_balance, plot_image_pairs, plot_images
 from .report import html_page, html_table, img_tag
@@ -173,11 +173,9 @@ def _cross_validate(cfg, ds: Dataset, pool: Pool, folds: int, where: Path, runti
         run = train(dataclasses.replace(cfg, out=str(where / "folds" / f"fold-{k + 1}")),
                     dataset=fold, log=_quiet, progress=progress)
         seconds += time.perf_counter() - start
-        lm = load(run.run_dir / "last.pt", runtime.device)
-        ev = evaluate_split(lm.model, fold.val, mean=lm.mean, std=lm.std, runtime=runtime,
-                            num_classes=len(ds.classes), tta=cfg.tta,
-                            mirror=cfg.flip != "none")
+        ev = run.final  # the fold's model evaluated on its held-out images, as the run does
         probs[torch.as_tensor(held)] = ev.probs
+        lm = load(run.run_dir / "last.pt", runtime.device)
         f = embed(lm.model, whole, mean=lm.mean, std=lm.std, runtime=runtime)
         f = f - f.mean(0)
         features.append(f / f.norm(dim=1, keepdim=True).clamp_min(1e-12))

@@ -214,15 +214,9 @@ def linear_probe(model: nn.Module, data: Split, *, mean, std, runtime: Runtime,
     regression on them (scikit-learn's lbfgs, C=`c`, on standardized features, as CLIP's
     linear probes do); its weights are written into the model's classifier."""
     from sklearn.linear_model import LogisticRegression  # only here: it is slow to import
-    model.eval()
-    batches = torch.arange(len(data)).split(batch_size)
-    features, labels = [], []
-    for _, images, y in bar(data.iterate(batches, runtime.device), total=len(batches),
-                            desc="features", unit="batch", enabled=progress):
-        x = to_input(images, mean, std, memory_format=runtime.memory_format)
-        features.append(model.forward_features(x).float().flatten(1).cpu())
-        labels.append(y.cpu())
-    f, y = torch.cat(features).double(), torch.cat(labels)
+    f = embed(model, data, mean=mean, std=std, runtime=runtime, batch_size=batch_size,
+              progress=progress).double()
+    y = data.labels.cpu()
     mu, sigma = f.mean(0), f.std(0).clamp_min(1e-6)
     z = ((f - mu) / sigma).numpy()
     fit = LogisticRegression(C=c, max_iter=2000).fit(z, y.numpy())
@@ -291,20 +285,19 @@ def evaluate_split(model: nn.Module, data: Split, *, mean, std, runtime: Runtime
 
 @torch.inference_mode()
 def embed(model: nn.Module, data: Split, *, mean, std, runtime: Runtime,
-          batch_size: int = 500) -> torch.Tensor:
-    """Penultimate features (N, D) on the CPU: what the model's classifier layer is given,
-    for any model of the contract, whatever its body and pooling."""
+          batch_size: int = 500, progress: bool = False) -> torch.Tensor:
+    """Penultimate features (N, D), float32 on the CPU: what the model's classifier layer is
+    given, for any model of the contract, whatever its body and pooling. In full precision
+    (no autocast): the features are fitted to (`linear_probe`) and compared (doctor)."""
     model.eval()
     captured = []
     hook = model.get_classifier().register_forward_hook(
         lambda module, inputs, output: captured.append(inputs[0].float().flatten(1).cpu()))
+    batches = torch.arange(len(data)).split(batch_size)
     try:
-        for _, images, _ in data.iterate(torch.arange(len(data)).split(batch_size),
-                                         runtime.device):
-            x = to_input(images, mean, std, memory_format=runtime.memory_format)
-            with torch.autocast(runtime.device.type, dtype=runtime.dtype,
-                                enabled=runtime.autocast):
-                model(x)
+        for _, images, _ in bar(data.iterate(batches, runtime.device), total=len(batches),
+                                desc="features", unit="batch", enabled=progress):
+            model(to_input(images, mean, std, memory_format=runtime.memory_format))
     finally:
         hook.remove()
     return torch.cat(captured)

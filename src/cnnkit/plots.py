@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .errors import CnnkitError
+from .metrics import over_thresholds
 from .runs import read_metrics
 
 
@@ -116,8 +117,7 @@ def top_losses(probs: torch.Tensor, labels: torch.Tensor, k: int,
     if labels.ndim == 2:
         p = probs.double().clamp(1e-12, 1 - 1e-12)
         losses = -(labels * p.log() + (1 - labels) * (1 - p).log()).sum(1)
-        called = probs >= torch.tensor(thresholds or [0.5] * labels.shape[1],
-                                       dtype=probs.dtype)
+        called = over_thresholds(probs, thresholds or [0.5] * labels.shape[1])
         order = losses.argsort(descending=True, stable=True)[:k]
         return [{"index": int(i), "labels": labels[i].nonzero().flatten().tolist(),
                  "called": called[i].nonzero().flatten().tolist(), "loss": float(losses[i])}

@@ -32,65 +32,47 @@ def write_report(out: Path, *, evaluation: dict, images: torch.Tensor, labels: t
          top_k: int = 16, model=None) -> Path:
     """Write curves.png (with metrics), confusion.png, per-class.png, top-losses.png,
     evaluation.json and report.html into `out`; with `model` (a LoadedModel) also
-    filters.png and gradcam-worst.png. Return the report's path."""
+    filters.png and gradcam-worst.png. Return the report's path. A multi-label evaluation
+    gets per-label-ap.png in place of the confusion matrix and per-class accuracy (labels
+    are called one by one, none in place of another), and top losses by binary
+    cross-entropy."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = evaluation["classes"]
-    if evaluation.get("multi_label"):
-        return _write_multilabel_report(out, evaluation, images, labels, probs, metrics,
-                                        settings, top_k, model)
-    confusion = torch.tensor(evaluation["confusion_matrix"])
-    top = top_losses(probs, labels.cpu(), min(top_k, len(labels)))
+    multi = evaluation.get("multi_label", False)
+    thresholds = [evaluation["per_label"][c]["threshold"] for c in classes] if multi else None
+    top = top_losses(probs, labels.cpu(), min(top_k, len(labels)), thresholds)
     drawings = []  # (title, file, how), drawn in this order under one progress bar
     if metrics:
         drawings.append(("Training curves", "curves.png", lambda p: plot_curves(metrics, p)))
-    drawings += [
-        ("Confusion matrix", "confusion.png", lambda p: plot_confusion(confusion, classes, p)),
-        ("Accuracy per class", "per-class.png",
-         lambda p: plot_per_class(evaluation["per_class_accuracy"], p)),
-        ("Top losses", "top-losses.png",
-         lambda p: plot_top_losses(images.cpu(), top, classes, p))]
-    if model is not None:  # inside the network: first-layer filters, Grad-CAM of the worst
+    if multi:
+        confused = []
+        drawings.append((
+            "Average precision per label", "per-label-ap.png",
+            lambda p: plot_per_class({c: m["average_precision"] for c, m in
+                                      evaluation["per_label"].items()}, p,
+                                     what="average precision")))
+    else:
+        confusion = torch.tensor(evaluation["confusion_matrix"])
+        confused = most_confused(confusion, classes)
         drawings += [
-            ("First-layer filters", "filters.png", lambda p: Path(filters(model, p)["file"])),
-            ("Grad-CAM of the worst-classified images", "gradcam-worst.png",
-             lambda p: worst_cams(model, images.cpu(), top[:8], p))]
-    pictures = {title: draw(out / name) for title, name, draw in
-                bar(drawings, desc="drawing the report", unit="picture")}
-    confused = most_confused(confusion, classes)
-    record = {**evaluation, "top_losses": top, "most_confused": confused}
-    atomic_write(out / "evaluation.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
-    page = _html(evaluation, metrics or [], settings or {}, confused, pictures)
-    atomic_write(out / "report.html", lambda f: f.write(page.encode()))
-    return out / "report.html"
-
-
-def _write_multilabel_report(out: Path, evaluation: dict, images, labels, probs, metrics,
-                             settings, top_k: int, model) -> Path:
-    """A multi-label model's pictures and report: no confusion matrix (labels are called
-    one by one, none in place of another); AP per label, and the images with the largest
-    binary cross-entropy."""
-    classes = evaluation["classes"]
-    per_label = evaluation["per_label"]
-    thresholds = [per_label[c]["threshold"] for c in classes]
-    top = top_losses(probs, labels.cpu(), min(top_k, len(labels)), thresholds)
-    drawings = []
-    if metrics:
-        drawings.append(("Training curves", "curves.png", lambda p: plot_curves(metrics, p)))
-    drawings += [
-        ("Average precision per label", "per-label-ap.png",
-         lambda p: plot_per_class({c: m["average_precision"] for c, m in per_label.items()},
-                                  p, what="average precision")),
-        ("Top losses", "top-losses.png",
-         lambda p: plot_top_losses(images.cpu(), top, classes, p))]
-    if model is not None:
+            ("Confusion matrix", "confusion.png",
+             lambda p: plot_confusion(confusion, classes, p)),
+            ("Accuracy per class", "per-class.png",
+             lambda p: plot_per_class(evaluation["per_class_accuracy"], p))]
+    drawings.append(("Top losses", "top-losses.png",
+                     lambda p: plot_top_losses(images.cpu(), top, classes, p)))
+    if model is not None:  # inside the network: first-layer filters, Grad-CAM of the worst
         drawings.append(("First-layer filters", "filters.png",
                          lambda p: Path(filters(model, p)["file"])))
+        if not multi:
+            drawings.append(("Grad-CAM of the worst-classified images", "gradcam-worst.png",
+                             lambda p: worst_cams(model, images.cpu(), top[:8], p)))
     pictures = {title: draw(out / name) for title, name, draw in
                 bar(drawings, desc="drawing the report", unit="picture")}
-    record = {**evaluation, "top_losses": top}
+    record = {**evaluation, "top_losses": top, **({} if multi else {"most_confused": confused})}
     atomic_write(out / "evaluation.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
-    page = _html(evaluation, metrics or [], settings or {}, [], pictures)
+    page = _html(evaluation, metrics or [], settings or {}, confused, pictures)
     atomic_write(out / "report.html", lambda f: f.write(page.encode()))
     return out / "report.html"
 

@@ -34,7 +34,7 @@ def preflight(cfg: Config, check_out: bool = True) -> None:
     check_source(cfg.data)
     if cfg.multi_label:
         check_multi_label(cfg.data)
-        check_multi_label_settings(cfg, True)
+        check_multi_label_settings(cfg)
     channels, size = expected_input(cfg.data, cfg.image_size, cfg.channels)
     args = {"widths": parse_widths(cfg.width)} if cfg.width else {}
     model = create_model(cfg.model, num_classes=2, in_channels=channels, image_size=size,
@@ -57,11 +57,9 @@ def preflight(cfg: Config, check_out: bool = True) -> None:
         check_new_run_dir(Path(cfg.out))
 
 
-def check_multi_label_settings(cfg: Config, multi_label: bool) -> None:
-    """Settings that assume one class per image. (Label smoothing is left out of the
-    binary cross-entropy instead: it is on by default.)"""
-    if not multi_label:
-        return
+def check_multi_label_settings(cfg: Config) -> None:
+    """Settings a multi-label run refuses: they assume one class per image. (Label
+    smoothing is left out of the binary cross-entropy instead: it is on by default.)"""
     for flag, on in (("--balance", cfg.balance), ("--linear-probe", cfg.linear_probe)):
         if on:
             raise SettingsError(f"{flag} assumes one class per image; this data is "
@@ -118,7 +116,8 @@ def prepare(cfg: Config, runtime: Runtime, dataset: Dataset | None = None):
     A `dataset` already loaded (e.g. one fold of `cnnkit doctor`) replaces cfg.data's."""
     cfg, norm = input_settings(cfg)
     ds = dataset or load_data(cfg)
-    check_multi_label_settings(cfg, ds.multi_label)
+    if ds.multi_label:
+        check_multi_label_settings(cfg)
     # the saved config says whether the run is multi-label, flag or not
     cfg = dataclasses.replace(cfg, multi_label=ds.multi_label)
     cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type, ds.image_size)

@@ -33,6 +33,8 @@ class TrainResult:
     run_dir: Path
     config: Config
     metrics: list[dict] = field(default_factory=list)
+    # the final model's evaluation on the validation split (its probabilities included)
+    final: EvalResult | None = field(default=None, repr=False)
 
     @property
     def best_val_acc(self) -> float:
@@ -138,7 +140,8 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
             f"recipe {cfg.recipe}, {cfg.epochs} epochs, batch {cfg.batch_size}, {run.plan}, "
             f"{where}; run folder {run_dir}" + (f"; resuming after epoch {first_epoch - 1}"
                                                  if ckpt is not None else ""))
-        final = _loop(run, result, first_epoch, steps_done, run_dir, log, progress, board)
+        final = result.final = _loop(run, result, first_epoch, steps_done, run_dir, log,
+                                     progress, board)
         if run.cfg.epochs != cfg.epochs:  # a time budget re-planned the run
             result.config = run.cfg
             if dist.main:
