@@ -10,6 +10,9 @@ lose the others' results:
               compiled, and the projected time of airbench94's 9.9-epoch schedule
   3. subset   `cnnkit train` with the fast recipe on the real CIFAR-10 subset (4,068 train /
               1,017 val): accuracy and seconds
+  4. predict  benchmarks/predict.py with the model on the GPU: `cnnkit predict` over 10,000
+              PNG files with --csv against decoding them alone (the target of Round 2's
+              issue "3 of 9", 70% of decode-alone, which the CPU's 2 cores cannot reach)
 
 It writes gpu-check.json (and each step's own files) into --out and prints a table.
 `--dry-run` runs the same steps on the CPU at tiny sizes: it is part of `make test`
@@ -137,6 +140,20 @@ def main() -> int:
         step = run_step("subset", command, out, 180, env)
         report["steps"]["subset"] = {**step, **subset_result(run)}
 
+    # 4. predict many files with the model on the GPU, against decoding alone
+    if data is None:
+        report["steps"]["predict"] = {"status": "skipped: no data"}
+    else:
+        sizes = ["--files", "64", "--rounds", "1", "--epochs", "1", "--width", "8,16,16"] \
+            if a.dry_run else ["--files", "10000", "--rounds", "2"]
+        step = run_step("predict", [py, "benchmarks/predict.py", "--device", device,
+                                    "--no-onnx", *sizes, "--out", str(out / "predict.json")],
+                        out, 150, env)
+        measured = json.loads((out / "predict.json").read_text()) \
+            if (out / "predict.json").exists() else {}
+        report["steps"]["predict"] = {**step, "images_per_s": measured.get("images_per_s", {}),
+                                      "ratio": measured.get("ratio", {})}
+
     (out / "gpu-check.json").write_text(json.dumps(report, indent=2))
     print(summary(report))
     return 0 if all(s["status"] == "ok" or s["status"].startswith("skipped")
@@ -167,6 +184,10 @@ def summary(report: dict) -> str:
         f"; val acc {s['val_acc']:.4f} after {s['epochs']} epochs, {s['train_seconds']:.1f} s "
         f"training + {s['val_seconds']:.1f} s evaluation (batch {s['batch_size']}, width "
         f"{s['width']})" if "val_acc" in s else ""))
+    s = steps.get("predict", {})
+    lines.append(f"predict: {s.get('status')}" + "".join(
+        f"; {name} {rate:.0f} images/s ({s['ratio'][name]:.2f} of decode alone)"
+        for name, rate in s.get("images_per_s", {}).items()))
     return "\n".join(lines)
 
 

@@ -100,6 +100,7 @@ def test_predict_a_glob_and_a_folder_with_a_broken_file(png_run, png_sample, tmp
         shutil.copy(f, folder / f.name)
     (folder / "broken.png").write_bytes(cats[0].read_bytes()[:50])
     (folder / "notes.txt").write_text("not an image: not read")
+    (folder / "._cat.png").write_bytes(b"\x00\x05\x16\x07")  # macOS's resource copy: hidden
     assert main(["predict", str(png_run.run_dir), str(folder)]) == 1
     captured = capsys.readouterr()
     errors = captured.err.strip().splitlines()  # the broken file named, one line

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import LoadedModel, load
-from .data import IMAGE_EXTENSIONS, image_to_tensor, read_image
+from .data import IMAGE_EXTENSIONS, image_files, image_to_tensor, read_image
 from .device import Runtime, select_runtime
 from .errors import SettingsError, first_line
 from .metrics import over_thresholds
@@ -65,8 +65,7 @@ def expand_inputs(items: Iterable, recursive: bool = False) -> list:
             continue
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in (path.rglob("*") if recursive else path.iterdir())
-                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = image_files(path, recursive)
             hint = "" if recursive else " (--recursive also reads its subfolders)"
             out += found or [{"file": str(path), "error": f"a folder with no images{hint}"}]
         elif not path.exists() and any(c in str(item) for c in "*?["):
