@@ -136,7 +136,8 @@ def main() -> int:
         tiny = ["--epochs", "1", "--width", "8,16,16"] if a.dry_run else []
         command = [py, "-m", "cnnkit", "train", "--data",
                    str(data / "cifar10-subset" / "cifar-10-batches-py"), "--val-fraction",
-                   "0.2", "--seed", "0", "--device", device, "--out", str(run), *tiny]
+                   "0.2", "--seed", "0", "--device", device, "--no-plots", "--out", str(run),
+                   *tiny]
         step = run_step("subset", command, out, 180, env)
         report["steps"]["subset"] = {**step, **subset_result(run)}
 

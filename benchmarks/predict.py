@@ -109,7 +109,8 @@ def main() -> None:
             files = write_files(tmp / "images", a.files)
             data = dict(data=SUBSET, val_fraction=0.2)
         run = cnnkit.train(**data, epochs=a.epochs, width=a.width, out=str(tmp / "run"),
-                           recipe=a.recipe, device=a.device, log=lambda s: None).run_dir
+                           recipe=a.recipe, device=a.device, plots=False,
+                           log=lambda s: None).run_dir
         runtime = select_runtime(a.device)
         lm = cnnkit.load(run, runtime.device)
         models = {"run (PyTorch)": lm,

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from cnnkit.config import fill_recipe_defaults, make_config, parse_widths
+from cnnkit.config import parse_widths
 from cnnkit.device import select_runtime
 from cnnkit.engine import TrainStep, train_step
+from cnnkit.recipes import fill_recipe_defaults, make_config
 from cnnkit.models import create_model
 from cnnkit.optim import build_optimizer, build_scheduler
 from cnnkit.transforms import Augment, to_input

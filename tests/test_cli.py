@@ -19,13 +19,13 @@ from cnnkit.cli import main
 def _cnnkit(*args, cwd=None):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "cnnkit", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_end_to_end_cli(tmp_path, png_sample):
     run = tmp_path / "run"
     p = _cnnkit("train", "--data", png_sample, "--recipe", "tutorial", "--model", "seed-simple",
-                "--epochs", "2", "--batch-size", "16", "--out", run)
+                "--epochs", "2", "--batch-size", "16", "--no-plots", "--out", run)
     assert p.returncode == 0, p.stderr
     rows = [l.split() for l in p.stdout.splitlines() if re.match(r"\s*\d+/\d+ ", l)]
     assert [r[0] for r in rows] == ["1/2", "2/2"]
@@ -174,7 +174,7 @@ def test_demo_falls_back_to_digits_offline(tmp_path, capsys):
 def test_patience_stops_a_run_whose_accuracy_is_flat(tmp_path):
     lines = []
     # lr so small that nothing changes: validation accuracy is flat after epoch 0
-    result = cnnkit.train(data="digits", model="seed-simple", recipe="tutorial", lr=1e-12,
+    result = cnnkit.train(plots=False, data="digits", model="seed-simple", recipe="tutorial", lr=1e-12,
                           epochs=10, patience=2, image_size=8 * 2, out=str(tmp_path / "r"),
                           log=lines.append)
     accs = [m["val_acc"] for m in result.metrics]
@@ -183,7 +183,7 @@ def test_patience_stops_a_run_whose_accuracy_is_flat(tmp_path):
                and "without --patience" in l for l in lines)
     assert torch.load(tmp_path / "r" / "best.pt", weights_only=True)["epoch"] == 0
     with pytest.raises(cnnkit.CnnkitError, match="--patience must be at least 1"):
-        cnnkit.train(data="digits", patience=0)
+        cnnkit.train(plots=False, data="digits", patience=0)
 
 
 def test_config_of_a_finished_run_repeats_it(png_run, tmp_path, monkeypatch, capsys):
@@ -227,7 +227,7 @@ def test_config_from_a_yaml_file(tmp_path, capsys):
 
 def test_epoch_table_has_a_header_and_one_row_per_epoch(tmp_path):
     lines = []
-    cnnkit.train(data="digits", epochs=3, width="8,16,16", out=str(tmp_path / "r"),
+    cnnkit.train(plots=False, data="digits", epochs=3, width="8,16,16", out=str(tmp_path / "r"),
                  log=lines.append)
     header = next(i for i, l in enumerate(lines) if l.split()[:1] == ["epoch"])
     assert lines[header].split() == ["epoch", "train", "loss", "train", "acc", "val", "loss",
@@ -251,7 +251,7 @@ def test_epoch_table_has_a_header_and_one_row_per_epoch(tmp_path):
 def test_amp_bf16_trains_on_the_cpu_and_is_saved_with_the_run(tmp_path):
     """bf16 autocast runs on any CPU (slowly where it is not native); fp16 with its
     GradScaler is checked on CUDA (tests/test_cuda.py)."""
-    result = cnnkit.train(data="digits", epochs=1, width="8,16,16", amp="bf16",
+    result = cnnkit.train(plots=False, data="digits", epochs=1, width="8,16,16", amp="bf16",
                           out=str(tmp_path / "r"), log=lambda s: None)
     assert result.config.amp == "bf16" and 0 <= result.best_val_acc <= 1
     assert cnnkit.load(tmp_path / "r").config.amp == "bf16"
@@ -290,16 +290,16 @@ def test_progress_bars_where_someone_watches(tmp_path, png_run, png_sample):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     shown = subprocess.run([sys.executable, "-m", "cnnkit", "predict", png_run.run_dir,
                             png_sample / "cat"], capture_output=True, text=True,
-                           env={**env, "CNNKIT_PROGRESS": "1"}, timeout=120)
+                           env={**env, "CNNKIT_PROGRESS": "1"}, timeout=600)
     assert shown.returncode == 0 and "predicting: " in shown.stderr and "/21 " in shown.stderr
     hidden = subprocess.run([sys.executable, "-m", "cnnkit", "predict", png_run.run_dir,
                              png_sample / "cat"], capture_output=True, text=True,
-                            env={**env, "CNNKIT_PROGRESS": "0"}, timeout=120)
+                            env={**env, "CNNKIT_PROGRESS": "0"}, timeout=600)
     assert hidden.returncode == 0 and hidden.stderr == "" and hidden.stdout == shown.stdout
     p = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--data", png_sample,
                         "--epochs", "1", "--width", "8,16,16", "--out", tmp_path / "r"],
                        capture_output=True, text=True, env={**env, "CNNKIT_PROGRESS": "1"},
-                       timeout=300)
+                       timeout=600)
     assert p.returncode == 0, p.stderr
     for bar in ("decoding cifar10-png-sample", "epoch 1/1", "loss=", "evaluating",
                 "drawing the report"):

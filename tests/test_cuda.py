@@ -27,15 +27,35 @@ SIZE = 32 if GPU else 16  # the dry run's tiny size
 
 
 @pytest.fixture(scope="module")
-def cuda_run(tmp_path_factory):
+def data(tmp_path_factory) -> str:
+    """digits on a GPU; in the CPU dry run, which checks that these tests run rather than
+    what they measure, a folder of 4 × 40 images whose class is their colour (learnt in a
+    few steps: each CPU run costs seconds, not a minute)."""
+    if GPU:
+        return "digits"
+    from PIL import Image
+    root = tmp_path_factory.mktemp("colours")
+    g = torch.Generator().manual_seed(0)
+    colours = torch.tensor([[220, 40, 40], [40, 220, 40], [40, 40, 220], [220, 220, 40]])
+    for c, colour in enumerate(colours):
+        (root / f"c{c}").mkdir()
+        for i in range(40):
+            noise = torch.randint(-30, 31, (SIZE, SIZE, 3), generator=g)
+            pixels = (colour + noise).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def cuda_run(tmp_path_factory, data):
     """The default recipe on CUDA (its GPU settings: batch 1024, GPU widths, bf16)."""
     out = tmp_path_factory.mktemp("cuda") / "run"
-    return cnnkit.train(data="digits", image_size=SIZE, epochs=2, out=str(out), **QUIET)
+    return cnnkit.train(plots=False, data=data, image_size=SIZE, epochs=2, out=str(out), **QUIET)
 
 
 @pytest.mark.parametrize("name", list_models() + ["tv:resnet18"])
-def test_every_model_trains_an_epoch_with_its_gpu_settings(tmp_path, name):
-    result = cnnkit.train(data="digits", image_size=SIZE, epochs=1, model=name,
+def test_every_model_trains_an_epoch_with_its_gpu_settings(tmp_path, name, data):
+    result = cnnkit.train(plots=False, data=data, image_size=SIZE, epochs=1, model=name,
                           out=str(tmp_path / "r"), **QUIET)
     assert 0 <= result.best_val_acc <= 1
     if result.config.recipe == "fast" and GPU:
@@ -47,19 +67,19 @@ def test_default_recipe_learns(cuda_run):
 
 
 @gpu_only
-def test_compile_trains(tmp_path):
-    result = cnnkit.train(data="digits", image_size=SIZE, epochs=1, compile=True,
+def test_compile_trains(tmp_path, data):
+    result = cnnkit.train(plots=False, data=data, image_size=SIZE, epochs=1, compile=True,
                           out=str(tmp_path / "r"), **QUIET)
     assert 0 <= result.best_val_acc <= 1
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16", "off"])
-def test_mixed_precision(tmp_path, amp):
+def test_mixed_precision(tmp_path, amp, data):
     if amp == "fp16" and not GPU:
         pytest.skip("fp16 autocast is for GPUs (refused on the CPU: test_cli)")
     if amp == "bf16" and GPU and not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("this GPU has no native bf16")
-    result = cnnkit.train(data="digits", image_size=SIZE, epochs=2, amp=amp,
+    result = cnnkit.train(plots=False, data=data, image_size=SIZE, epochs=2, amp=amp,
                           out=str(tmp_path / "r"), **QUIET)
     assert result.best_val_acc > 0.3
     state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)["train_state"]
@@ -69,8 +89,8 @@ def test_mixed_precision(tmp_path, amp):
         assert state["grad_scaler"]["scale"] > 0
 
 
-def test_lr_find(tmp_path):
-    result = cnnkit.lr_find(tmp_path / "lr.png", data="digits", image_size=SIZE, steps=30,
+def test_lr_find(tmp_path, data):
+    result = cnnkit.lr_find(tmp_path / "lr.png", data=data, image_size=SIZE, steps=30,
                             device=DEVICE)
     assert result["suggested_lr"] > 0 and (tmp_path / "lr.png").exists()
 
@@ -100,31 +120,31 @@ def test_serve_answers_from_cuda(cuda_run, tmp_path):
     assert r.status_code == 200 and len(r.json()[0]["predictions"]) == 3
 
 
-def test_ddp_with_one_process(tmp_path):
+def test_ddp_with_one_process(tmp_path, data):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", "1", "-m", "cnnkit", "train", "--data", "digits",
+                        "--nproc-per-node", "1", "-m", "cnnkit", "train", "--data", data,
                         "--image-size", str(SIZE), "--epochs", "1", "--device", DEVICE, "--out",
                         str(tmp_path / "r")], capture_output=True, text=True, env=ENV,
-                       timeout=300)
+                       timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert ("nccl" if GPU else "gloo") in p.stdout and (tmp_path / "r" / "last.pt").exists()
 
 
 def test_streaming_with_pinned_memory(tmp_path, png_sample):
-    result = cnnkit.train(data=str(png_sample), stream=True, epochs=1,
+    result = cnnkit.train(plots=False, data=str(png_sample), stream=True, epochs=1,
                           out=str(tmp_path / "r"), **QUIET)
     assert 0 <= result.best_val_acc <= 1
 
 
-def test_resume_on_cuda_equals_the_run_left_alone(tmp_path):
-    settings = dict(data="digits", image_size=SIZE, epochs=3, seed=3, **QUIET)
-    whole = cnnkit.train(out=str(tmp_path / "whole"), **settings)
+def test_resume_on_cuda_equals_the_run_left_alone(tmp_path, data):
+    settings = dict(data=data, image_size=SIZE, epochs=3, seed=3, **QUIET)
+    whole = cnnkit.train(plots=False, out=str(tmp_path / "whole"), **settings)
 
     def stop_after_first(line):
         if line.split()[:1] == ["1/3"]:
             raise KeyboardInterrupt
     with pytest.raises(Interrupted):
-        cnnkit.train(out=str(tmp_path / "cut"), **dict(settings, log=stop_after_first))
+        cnnkit.train(plots=False, out=str(tmp_path / "cut"), **dict(settings, log=stop_after_first))
     resumed = cnnkit.train(resume=tmp_path / "cut", log=lambda s: None)
     # cuDNN's kernels are not bit-reproducible: equal to a tolerance
     for a, b in zip(whole.metrics, resumed.metrics):

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 import cnnkit
-from cnnkit.config import make_config
+from cnnkit.recipes import make_config
 from cnnkit.engine import tta_logits
 from cnnkit.optim import Muon, build_optimizer, lr_factor, newton_schulz
 
@@ -78,7 +78,7 @@ def test_fast_recipe_is_the_default():
     ("tutorial", "cpu", 4000, dict(epochs=10, batch_size=32, lr=0.001)),
 ])
 def test_recipe_settings_fitted_to_data_and_device(recipe, device, n, expect):
-    from cnnkit.config import fill_recipe_defaults
+    from cnnkit.recipes import fill_recipe_defaults
     cfg = fill_recipe_defaults(make_config(recipe=recipe), n, device)
     for key, value in expect.items():
         assert getattr(cfg, key) == (pytest.approx(value) if isinstance(value, float)
@@ -86,7 +86,7 @@ def test_recipe_settings_fitted_to_data_and_device(recipe, device, n, expect):
 
 
 def test_short_time_budgets_train_a_narrower_fastnet_on_the_cpu():
-    from cnnkit.config import fill_recipe_defaults
+    from cnnkit.recipes import fill_recipe_defaults
     width = {budget: fill_recipe_defaults(make_config(time_budget=budget), 4000, "cpu").width
              for budget in (10, 44, 45, 60)}
     assert width == {10: "32,128,128", 44: "32,128,128", 45: "40,160,160", 60: "40,160,160"}
@@ -95,7 +95,7 @@ def test_short_time_budgets_train_a_narrower_fastnet_on_the_cpu():
 
 
 def test_time_budget_plans_a_whole_schedule(tmp_path):
-    result = cnnkit.train(data="digits", time_budget=1.0, width="8,16,16", out=str(tmp_path / "r"),
+    result = cnnkit.train(plots=False, data="digits", time_budget=1.0, width="8,16,16", out=str(tmp_path / "r"),
                           log=lambda s: None)
     assert result.config.epochs >= 1 and len(result.metrics) == result.config.epochs
     import json
@@ -104,7 +104,7 @@ def test_time_budget_plans_a_whole_schedule(tmp_path):
 
 
 def test_ema_run_saves_the_averaged_weights(tmp_path):
-    result = cnnkit.train(data="digits", epochs=2, ema=0.9, width="8,16,16",
+    result = cnnkit.train(plots=False, data="digits", epochs=2, ema=0.9, width="8,16,16",
                           out=str(tmp_path / "r"), log=lambda s: None)
     lm = cnnkit.load(result.run_dir / "last.pt")
     ev = cnnkit.evaluate(lm, device="cpu")
@@ -147,7 +147,7 @@ def test_muon_trains_hidden_weights_and_leaves_the_rest_to_sgd():
 @pytest.mark.parametrize("name", cnnkit.list_models())
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw", "muon"])
 def test_every_model_trains_with_every_optimizer(name, optimizer):
-    from cnnkit.config import fill_recipe_defaults
+    from cnnkit.recipes import fill_recipe_defaults
     torch.manual_seed(0)
     model = cnnkit.create_model(name, num_classes=3, in_channels=3, image_size=16)
     model.init_from_data(torch.randn(8, 3, 16, 16))

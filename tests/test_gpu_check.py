@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_dry_run_runs_every_step(tmp_path, cifar_subset):
     env = {**os.environ, "CNNKIT_SHARED_DATA": str(cifar_subset.parents[1])}
     p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run",
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=540,
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
                        env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())

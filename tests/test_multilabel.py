@@ -221,7 +221,7 @@ def test_cli_trains_a_single_label_csv_as_multi_label_evaluates_and_predicts(
 
 def test_multi_label_needs_a_csv_and_one_class_settings_refuse(png_sample, ml_csv, capsys):
     p = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--data", str(png_sample),
-                        "--multi-label"], capture_output=True, text=True, timeout=300)
+                        "--multi-label"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.count("\n") == 1 and "not a CSV" in p.stderr
     assert main(["train", "--data", str(ml_csv), "--balance", "--epochs", "1"]) == 2

@@ -58,7 +58,7 @@ def test_a_full_crop_without_rotation_is_the_identity_and_jitter_follows_normali
 
 
 def test_presets_follow_the_image_size_and_flags_win():
-    from cnnkit.config import fill_recipe_defaults
+    from cnnkit.recipes import fill_recipe_defaults
     cfg = cnnkit.make_config(data="digits")
     small = fill_recipe_defaults(cfg, 1000, "cpu", (32, 32))
     large = fill_recipe_defaults(cfg, 1000, "cpu", (96, 96))
@@ -74,7 +74,7 @@ def test_presets_follow_the_image_size_and_flags_win():
 
 
 def test_a_photo_run_trains_and_saves_its_preset(png_sample, tmp_path):
-    r = cnnkit.train(data=str(png_sample), image_size=64, epochs=1, width="8,16,16",
+    r = cnnkit.train(plots=False, data=str(png_sample), image_size=64, epochs=1, width="8,16,16",
                      out=str(tmp_path / "r"), log=lambda s: None)
     assert r.config.augment == "photo" and r.config.crop_scale == 0.35
     assert cnnkit.load(r.run_dir).config.augment == "photo"

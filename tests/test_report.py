@@ -16,7 +16,7 @@ from cnnkit.device import select_runtime
 from cnnkit.engine import TrainStep, batch_order
 from cnnkit.lrfind import lr_range_test
 from cnnkit.optim import build_optimizer
-from cnnkit.config import make_config
+from cnnkit.recipes import make_config
 from cnnkit.transforms import Augment, to_input
 
 PICTURES = ("curves.png", "confusion.png", "top-losses.png", "per-class.png")
@@ -71,7 +71,7 @@ def test_report_renders_in_headless_chromium(png_run, tmp_path):
                         "--disable-component-update", "--disable-sync",
                         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1400",
                         f"--screenshot={shot}", (png_run.run_dir / "report.html").as_uri()],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=600)
     assert shot.is_file(), p.stderr[-2000:]
     arr = _readable_png(shot)
     assert (arr < 128).mean() > 0.01  # text and pictures, not an empty white page
@@ -142,7 +142,7 @@ def test_runs_table_compare_and_eval_out(png_run, tmp_path, png_sample, capsys):
     folder = tmp_path / "runs"
     folder.mkdir()
     shutil.copytree(png_run.run_dir, folder / "a")
-    cnnkit.train(data="digits", epochs=2, width="8,16,16", out=str(folder / "b"),
+    cnnkit.train(plots=False, data="digits", epochs=2, width="8,16,16", out=str(folder / "b"),
                  log=lambda s: None)
     assert main(["runs", str(folder), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -171,7 +171,7 @@ def test_show_batch_augmented_differs_from_plain(tmp_path, png_sample):
 
 def test_tensorboard_logs_scalars_per_epoch(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    result = cnnkit.train(data="digits", epochs=3, width="8,16,16", tensorboard=True,
+    result = cnnkit.train(plots=False, data="digits", epochs=3, width="8,16,16", tensorboard=True,
                           out=str(tmp_path / "r"), log=lambda s: None)
     acc = EventAccumulator(str(result.run_dir / "tensorboard"))
     acc.Reload()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import cnnkit
-from cnnkit.config import RECIPES, make_config
+from cnnkit.recipes import RECIPES, make_config
 from cnnkit.errors import CnnkitError
 
 
@@ -25,7 +25,7 @@ def test_tutorial_recipe_is_the_tutorial_run():
 
 
 def test_short_run_on_real_subset_learns(cifar_subset, tmp_path):
-    result = cnnkit.train(data=str(cifar_subset), model="seed-simple", epochs=3, batch_size=64,
+    result = cnnkit.train(plots=False, data=str(cifar_subset), model="seed-simple", epochs=3, batch_size=64,
                           optimizer="adamw", lr=2e-3, normalize=True, flip="random",
                           val_fraction=0.2, seed=0, out=str(tmp_path / "run"),
                           log=lambda s: None)
@@ -88,7 +88,7 @@ def test_a_checkpoint_of_cnnkit_0_1_still_loads_and_evaluates(png_run, tmp_path)
 
 def test_same_seed_same_run(tmp_path):
     def run(out):
-        return cnnkit.train(data="digits", epochs=2, batch_size=64, lr=0.05, seed=3,
+        return cnnkit.train(plots=False, data="digits", epochs=2, batch_size=64, lr=0.05, seed=3,
                             flip="random", translate=1, out=str(tmp_path / out),
                             log=lambda s: None)
     a, b = run("a"), run("b")
@@ -104,14 +104,14 @@ def test_existing_run_is_never_overwritten(tmp_path):
     out.mkdir()
     (out / "last.pt").write_bytes(b"precious")
     with pytest.raises(CnnkitError, match="never overwrites"):
-        cnnkit.train(data="digits", epochs=1, out=str(out), log=lambda s: None)
+        cnnkit.train(plots=False, data="digits", epochs=1, out=str(out), log=lambda s: None)
     assert (out / "last.pt").read_bytes() == b"precious"
 
 
 def test_default_run_folders_are_numbered(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    a = cnnkit.train(data="digits", epochs=1, log=lambda s: None)
-    b = cnnkit.train(data="digits", epochs=1, log=lambda s: None)
+    a = cnnkit.train(plots=False, data="digits", epochs=1, log=lambda s: None)
+    b = cnnkit.train(plots=False, data="digits", epochs=1, log=lambda s: None)
     assert a.run_dir.name == "digits-fastnet" and b.run_dir.name == "digits-fastnet-2"
 
 

@@ -5,7 +5,8 @@ by the first call that needs them."""
 from .version import __version__  # noqa: E402,F401
 
 from .checkpoint import LoadedModel, RunInfo, load  # noqa: E402
-from .config import RECIPES, Config, make_config  # noqa: E402
+from .config import Config  # noqa: E402
+from .recipes import RECIPES, make_config  # noqa: E402
 from .data import Dataset, Split, load_dataset  # noqa: E402
 from .errors import CnnkitError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402

@@ -12,10 +12,10 @@ import threading
 from pathlib import Path
 
 from .version import __version__
-from .config import (DEFAULT_RECIPE, GROUPS, RECIPES, Config, fill_recipe_defaults, make_config,
-                     settings_from_file)
+from .config import GROUPS, Config, settings_from_file
 from .distributed import from_env, quiet_unless_main
 from .errors import CnnkitError, Interrupted, SettingsError, one_line_warnings
+from .recipes import DEFAULT_RECIPE, RECIPES, fill_recipe_defaults, make_config
 
 
 def _config_flags(parser: argparse.ArgumentParser, skip=()) -> dict[str, argparse._ArgumentGroup]:

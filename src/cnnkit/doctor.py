@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import atomic_write, load
-from .config import make_config
+from .recipes import make_config
 from .data import Dataset, Split, StreamSplit
 from .device import select_runtime
 from .engine import embed
@@ -170,7 +170,9 @@ def _cross_validate(cfg, ds: Dataset, pool: Pool, folds: int, where: Path, runti
         fold = Dataset(ds.name, ds.source, ds.classes, whole.subset(rest), whole.subset(held),
                        "val", held_out=True)
         start = time.perf_counter()
-        run = train(dataclasses.replace(cfg, out=str(where / "folds" / f"fold-{k + 1}")),
+        # a fold's own pictures would cost seconds each and nobody looks at them
+        run = train(dataclasses.replace(cfg, out=str(where / "folds" / f"fold-{k + 1}"),
+                                        plots=False),
                     dataset=fold, log=_quiet, progress=progress)
         seconds += time.perf_counter() - start
         ev = run.final  # the fold's model evaluated on its held-out images, as the run does

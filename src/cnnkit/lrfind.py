@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import make_config
+from .recipes import make_config
 from .device import select_runtime
 from .engine import TrainStep, balanced_weights, batch_order, to_device, train_step
 from .optim import build_optimizer

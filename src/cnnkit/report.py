@@ -29,13 +29,13 @@ def most_confused(confusion: torch.Tensor, classes: list[str], k: int = 5) -> li
 
 def write_report(out: Path, *, evaluation: dict, images: torch.Tensor, labels: torch.Tensor,
          probs: torch.Tensor, metrics: list[dict] | None = None, settings: dict | None = None,
-         top_k: int = 16, model=None) -> Path:
+         top_k: int = 16, model=None, pictures: bool = True) -> Path:
     """Write curves.png (with metrics), confusion.png, per-class.png, top-losses.png,
     evaluation.json and report.html into `out`; with `model` (a LoadedModel) also
     filters.png and gradcam-worst.png. Return the report's path. A multi-label evaluation
     gets per-label-ap.png in place of the confusion matrix and per-class accuracy (labels
     are called one by one, none in place of another), and top losses by binary
-    cross-entropy."""
+    cross-entropy. Without `pictures`, the page and evaluation.json alone."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = evaluation["classes"]
@@ -69,7 +69,7 @@ def write_report(out: Path, *, evaluation: dict, images: torch.Tensor, labels: t
             drawings.append(("Grad-CAM of the worst-classified images", "gradcam-worst.png",
                              lambda p: worst_cams(model, images.cpu(), top[:8], p)))
     pictures = {title: draw(out / name) for title, name, draw in
-                bar(drawings, desc="drawing the report", unit="picture")}
+                bar(drawings if pictures else [], desc="drawing the report", unit="picture")}
     record = {**evaluation, "top_losses": top, **({} if multi else {"most_confused": confused})}
     atomic_write(out / "evaluation.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
     page = _html(evaluation, metrics or [], settings or {}, confused, pictures)

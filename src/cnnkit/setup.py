@@ -16,13 +16,14 @@ import torch.nn as nn
 from . import distributed
 from .checkpoint import (RunInfo, as_checkpoint, is_checkpoint, load_weights, model_description,
                          read_run, read_weights_file)
-from .config import Config, fill_recipe_defaults, parse_widths
+from .config import Config, parse_widths
 from .data import Dataset, check_multi_label, check_source, expected_input, load_dataset
 from .device import Runtime, synchronize
 from .engine import TrainStep, balanced_weights, batch_order, to_device, train_one_epoch
 from .errors import SettingsError
 from .models import create_model, model_entry
 from .optim import build_ema, build_optimizer, build_scheduler
+from .recipes import fill_recipe_defaults
 from .runs import check_new_run_dir
 from .transforms import Augment, channel_stats, to_input
 
@@ -205,16 +206,18 @@ def check_processes(cfg: Config, device: torch.device, per_machine: int) -> None
 
 
 def resume_settings(run_dir: Path, config, overrides: dict) -> tuple[Config, dict]:
-    """The settings and last checkpoint of a run to resume. Where it runs may change
-    (--device, --dist-timeout); what it trains may not."""
-    machine = ("device", "dist_timeout")
-    given = [k for k, v in overrides.items() if v is not None and k not in machine]
+    """The settings and last checkpoint of a run to resume. Where it runs and whether it
+    draws its pictures may change (--device, --dist-timeout, --plots); what it trains may
+    not."""
+    free = ("device", "dist_timeout", "plots")
+    given = [k for k, v in overrides.items() if v is not None and k not in free]
     if config is not None or given:
         raise SettingsError(f"--resume continues a run with its own settings; drop "
                             f"{', '.join('--' + k.replace('_', '-') for k in given) or 'the config'}")
     info, ckpt = read_run(run_dir)
     cfg = dataclasses.replace(info.config, data=info.data_source or info.config.data,
-                              **{k: overrides[k] for k in machine if overrides.get(k)})
+                              **{k: overrides[k] for k in free
+                                 if overrides.get(k) is not None})
     return cfg, ckpt
 
 

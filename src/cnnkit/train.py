@@ -13,7 +13,7 @@ import torch
 
 from . import distributed
 from .checkpoint import build_checkpoint, load, restore_training_state, training_state
-from .config import Config, make_config
+from .config import Config
 from .data import Dataset
 from .device import Runtime, select_runtime, synchronize
 from .engine import EvalResult, NonFiniteLoss, evaluate_split, linear_probe, train_one_epoch
@@ -21,6 +21,7 @@ from .errors import CnnkitError, Interrupted, SettingsError
 from .metrics import evaluation_record
 from .optim import current_lr
 from .progress import EpochTable, interactive
+from .recipes import make_config
 from .report import write_report
 from .runs import (RunFolder, TensorBoard, clear_unstarted, last_saved_epoch, save_epoch,
                    write_config)
@@ -60,7 +61,7 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
         wanted = config if config is not None else make_config(**overrides)
         resume, note = resume_after_restart(wanted, dist)
         if resume is not None:
-            config, overrides = None, {"device": wanted.device,
+            config, overrides = None, {"device": wanted.device, "plots": wanted.plots,
                                        "dist_timeout": wanted.dist_timeout}
         if note and dist.main:
             log(note)
@@ -151,8 +152,8 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
                 final.confusion, final.loss, ds.classes, ds.source, ds.val_name, final.probs,
                 ds.val.labels, final.thresholds),
                 images=ds.val.images, labels=ds.val.labels, probs=final.probs,
-                metrics=result.metrics, settings=run.info.to_dict(),
-                model=load(run_dir / "last.pt"))
+                metrics=result.metrics, settings=run.info.to_dict(), pictures=cfg.plots,
+                model=load(run_dir / "last.pt") if cfg.plots else None)
     key = _selected_by(ds)
     best, last = max(m[key] for m in result.metrics), result.metrics[-1]
     what = f"mAP {last[key]:.4f} (best {best:.4f}), accuracy {last['val_acc']:.4f}" \
