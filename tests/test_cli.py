@@ -22,7 +22,10 @@ def _cnnkit(*args, cwd=None):
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_end_to_end_cli(tmp_path, png_sample):
+def test_end_to_end_cli(tmp_path, png_sample, capsys):
+    """Training in a real subprocess, as a user types it; the verbs that use its run
+    through main() in this process (the same parser and output, without a Python start
+    each)."""
     run = tmp_path / "run"
     p = _cnnkit("train", "--data", png_sample, "--recipe", "tutorial", "--model", "seed-simple",
                 "--epochs", "2", "--batch-size", "16", "--no-plots", "--out", run)
@@ -32,30 +35,35 @@ def test_end_to_end_cli(tmp_path, png_sample):
     assert "it/s" not in p.stderr and "batch/s" not in p.stderr  # no terminal: no bars
     assert {"config.json", "metrics.csv", "last.pt", "best.pt"} <= set(os.listdir(run))
 
-    p = _cnnkit("eval", run, "--json")
-    assert p.returncode == 0, p.stderr
-    result = json.loads(p.stdout)
+    def cnnkit_(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = cnnkit_("eval", run, "--json")
+    assert code == 0, err
+    result = json.loads(out)
     assert result["num_images"] == 40 and len(result["confusion_matrix"]) == 10
 
     img = sorted(png_sample.rglob("*.png"))[0]
-    p = _cnnkit("predict", run, img, "--json", "--top-k", "2")
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
+    code, out, err = cnnkit_("predict", run, img, "--json", "--top-k", "2")
+    assert code == 0, err
+    out = json.loads(out)
     assert out[0]["file"] == str(img) and len(out[0]["predictions"]) == 2
     assert set(out[0]["predictions"][0]) == {"class", "probability"}
 
-    p = _cnnkit("predict", run, img, tmp_path / "nope.png")
-    assert p.returncode != 0
-    assert p.stderr.strip() == f"cnnkit: error: {tmp_path / 'nope.png'}: no such file"
-    assert p.stdout.startswith(f"{img}: ")
+    code, out, err = cnnkit_("predict", run, img, tmp_path / "nope.png")
+    assert code != 0
+    assert err.strip() == f"cnnkit: error: {tmp_path / 'nope.png'}: no such file"
+    assert out.startswith(f"{img}: ")
 
-    p = _cnnkit("show-batch", "--data", png_sample, "--out", tmp_path / "grid.png")
-    assert p.returncode == 0, p.stderr
+    code, out, err = cnnkit_("show-batch", "--data", png_sample, "--out", tmp_path / "grid.png")
+    assert code == 0, err
     with Image.open(tmp_path / "grid.png") as im:
         assert im.size[0] > 400 and im.size[1] > 400
 
-    p = _cnnkit("models")
-    assert p.returncode == 0 and "seed-cnn" in p.stdout and "4,210,090" in p.stdout
+    code, out, err = cnnkit_("models")
+    assert code == 0 and "seed-cnn" in out and "4,210,090" in out
 
 
 @pytest.fixture
@@ -174,7 +182,8 @@ def test_demo_falls_back_to_digits_offline(tmp_path, capsys):
 def test_patience_stops_a_run_whose_accuracy_is_flat(tmp_path):
     lines = []
     # lr so small that nothing changes: validation accuracy is flat after epoch 0
-    result = cnnkit.train(plots=False, data="digits", model="seed-simple", recipe="tutorial", lr=1e-12,
+    result = cnnkit.train(plots=False,
+                          data="digits", model="seed-simple", recipe="tutorial", lr=1e-12,
                           epochs=10, patience=2, image_size=8 * 2, out=str(tmp_path / "r"),
                           log=lines.append)
     accs = [m["val_acc"] for m in result.metrics]
@@ -236,6 +245,8 @@ def test_epoch_table_has_a_header_and_one_row_per_epoch(tmp_path):
     assert [r[0] for r in rows] == ["1/3", "2/3", "3/3"]
     metrics = list(csv.DictReader(open(tmp_path / "r" / "metrics.csv")))
     for row, saved in zip(rows, metrics):
+        # the table prints what metrics.csv holds, rounded: accuracies to 4 decimals (half a
+        # unit: 5e-5) and the lr to 3 significant digits (half a unit: 0.5%)
         train_loss, train_acc, val_loss, val_acc, top5, lr = map(float, row[1:7])
         assert val_acc == pytest.approx(float(saved["val_acc"]), abs=1e-4)
         assert lr == pytest.approx(float(saved["lr"]), rel=1e-2)
@@ -284,23 +295,23 @@ def test_each_verb_offers_only_the_flags_that_act_there(capsys):
     assert "unrecognized arguments: --epochs" in capsys.readouterr().err
 
 
-def test_progress_bars_where_someone_watches(tmp_path, png_run, png_sample):
+def test_progress_bars_where_someone_watches(tmp_path, png_run, png_sample, capsys,
+                                             monkeypatch):
     """At a terminal (forced here with CNNKIT_PROGRESS=1) training, decoding, evaluation
-    and predict draw bars on stderr; without one (CNNKIT_PROGRESS=0) they draw nothing."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    shown = subprocess.run([sys.executable, "-m", "cnnkit", "predict", png_run.run_dir,
-                            png_sample / "cat"], capture_output=True, text=True,
-                           env={**env, "CNNKIT_PROGRESS": "1"}, timeout=600)
-    assert shown.returncode == 0 and "predicting: " in shown.stderr and "/21 " in shown.stderr
-    hidden = subprocess.run([sys.executable, "-m", "cnnkit", "predict", png_run.run_dir,
-                             png_sample / "cat"], capture_output=True, text=True,
-                            env={**env, "CNNKIT_PROGRESS": "0"}, timeout=600)
-    assert hidden.returncode == 0 and hidden.stderr == "" and hidden.stdout == shown.stdout
-    p = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--data", png_sample,
-                        "--epochs", "1", "--width", "8,16,16", "--out", tmp_path / "r"],
-                       capture_output=True, text=True, env={**env, "CNNKIT_PROGRESS": "1"},
-                       timeout=600)
-    assert p.returncode == 0, p.stderr
+    and predict draw bars on stderr; without one (CNNKIT_PROGRESS=0) they draw nothing.
+    (main() in this process: the bars go to sys.stderr as in a terminal's.)"""
+    def cnnkit_(progress, *args):
+        monkeypatch.setenv("CNNKIT_PROGRESS", progress)
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out, err
+    shown = cnnkit_("1", "predict", png_run.run_dir, png_sample / "cat")
+    assert "predicting: " in shown[1] and "/21 " in shown[1]
+    hidden = cnnkit_("0", "predict", png_run.run_dir, png_sample / "cat")
+    assert hidden[1] == "" and hidden[0] == shown[0]
+    _, err = cnnkit_("1", "train", "--data", png_sample, "--epochs", "1", "--width", "8,16,16",
+                     "--out", tmp_path / "r")
     for bar in ("decoding cifar10-png-sample", "epoch 1/1", "loss=", "evaluating",
                 "drawing the report"):
-        assert bar in p.stderr, bar
+        assert bar in err, bar

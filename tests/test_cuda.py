@@ -144,7 +144,8 @@ def test_resume_on_cuda_equals_the_run_left_alone(tmp_path, data):
         if line.split()[:1] == ["1/3"]:
             raise KeyboardInterrupt
     with pytest.raises(Interrupted):
-        cnnkit.train(plots=False, out=str(tmp_path / "cut"), **dict(settings, log=stop_after_first))
+        cnnkit.train(plots=False,
+                     out=str(tmp_path / "cut"), **dict(settings, log=stop_after_first))
     resumed = cnnkit.train(resume=tmp_path / "cut", log=lambda s: None)
     # cuDNN's kernels are not bit-reproducible: equal to a tolerance
     for a, b in zip(whole.metrics, resumed.metrics):

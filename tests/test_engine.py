@@ -95,7 +95,8 @@ def test_short_time_budgets_train_a_narrower_fastnet_on_the_cpu():
 
 
 def test_time_budget_plans_a_whole_schedule(tmp_path):
-    result = cnnkit.train(plots=False, data="digits", time_budget=1.0, width="8,16,16", out=str(tmp_path / "r"),
+    result = cnnkit.train(plots=False,
+                          data="digits", time_budget=1.0, width="8,16,16", out=str(tmp_path / "r"),
                           log=lambda s: None)
     assert result.config.epochs >= 1 and len(result.metrics) == result.config.epochs
     import json

@@ -41,7 +41,8 @@ def test_three_split_folder_keeps_test_apart(tmp_path, png_sample):
 def test_eval_reports_the_test_split_by_default_and_any_split_on_request(tmp_path, png_sample,
                                                                         capsys):
     counts = _three_split(tmp_path / "data", png_sample)
-    run = cnnkit.train(plots=False, data=str(tmp_path / "data"), recipe="tutorial", model="seed-simple",
+    run = cnnkit.train(plots=False,
+                       data=str(tmp_path / "data"), recipe="tutorial", model="seed-simple",
                        epochs=1, batch_size=8, out=str(tmp_path / "run"), log=lambda s: None)
     # Training validated on val/ only.
     assert json.loads((run.run_dir / "config.json").read_text())["num_val"] == counts["val"]
@@ -59,7 +60,8 @@ def test_eval_reports_the_test_split_by_default_and_any_split_on_request(tmp_pat
 def test_eval_on_a_two_split_folder_never_counts_training_images(tmp_path, png_sample):
     counts = _three_split(tmp_path / "data", png_sample)
     shutil.rmtree(tmp_path / "data" / "test")
-    run = cnnkit.train(plots=False, data=str(tmp_path / "data"), recipe="tutorial", model="seed-simple",
+    run = cnnkit.train(plots=False,
+                       data=str(tmp_path / "data"), recipe="tutorial", model="seed-simple",
                        epochs=1, batch_size=8, out=str(tmp_path / "run"), log=lambda s: None)
     # The run's own data given again with --data: still its val split, not train + val.
     for data in (None, str(tmp_path / "data"), str(tmp_path / "data" / ".." / "data")):

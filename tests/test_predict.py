@@ -84,6 +84,8 @@ def test_predict_a_folder_tree_to_csv_agrees_with_eval(png_run, png_sample, tmp_
                            as_frame=True)
     assert list(frame.columns) == list(rows[0]) and len(frame) == 200
     assert list(frame["predicted"]) == [r["predicted"] for r in rows]
+    # the CSV writes 6 decimals (half a unit: 5e-7); the frame's model runs again in this
+    # process on the same batches: the same float32 sums
     assert frame["probability"].tolist() == pytest.approx(
         [float(r["probability"]) for r in rows], abs=1e-5)
 

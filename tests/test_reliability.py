@@ -38,7 +38,8 @@ def _interrupt_after(epoch, epochs):
 def test_interrupted_and_resumed_run_equals_the_run_left_alone(tmp_path, settings):
     whole = cnnkit.train(plots=False, out=str(tmp_path / "whole"), log=lambda s: None, **settings)
     with pytest.raises(Interrupted, match="resume with: cnnkit train --resume"):
-        cnnkit.train(plots=False, out=str(tmp_path / "cut"), log=_interrupt_after(1, settings["epochs"]),
+        cnnkit.train(plots=False,
+                     out=str(tmp_path / "cut"), log=_interrupt_after(1, settings["epochs"]),
                      **settings)
     assert len(_metrics_without_times(tmp_path / "cut")) == 2
     resumed = cnnkit.train(resume=tmp_path / "cut", log=lambda s: None)
@@ -176,7 +177,8 @@ def test_a_diverging_run_stops_naming_epoch_and_step(tmp_path):
 def test_weights_for_another_model_name_both_sides(tmp_path, png_run):
     with pytest.raises(CnnkitError, match=r"holds seed-simple for 10 classes at 3×32×32, "
                                           r"which does not fit seed-cnn for 2 classes"):
-        cnnkit.train(plots=False, data=str(_two_classes(tmp_path)), recipe="tutorial", model="seed-cnn",
+        cnnkit.train(plots=False,
+                     data=str(_two_classes(tmp_path)), recipe="tutorial", model="seed-cnn",
                      weights=str(png_run.run_dir / "best.pt"), out=str(tmp_path / "r"),
                      val_fraction=0.5, log=lambda s: None)
 

@@ -25,7 +25,8 @@ def test_tutorial_recipe_is_the_tutorial_run():
 
 
 def test_short_run_on_real_subset_learns(cifar_subset, tmp_path):
-    result = cnnkit.train(plots=False, data=str(cifar_subset), model="seed-simple", epochs=3, batch_size=64,
+    result = cnnkit.train(plots=False,
+                          data=str(cifar_subset), model="seed-simple", epochs=3, batch_size=64,
                           optimizer="adamw", lr=2e-3, normalize=True, flip="random",
                           val_fraction=0.2, seed=0, out=str(tmp_path / "run"),
                           log=lambda s: None)

@@ -11,16 +11,6 @@ from cnnkit.setup import prepare
 from conftest import shared_data
 
 
-def test_mobilenet_at_224_on_the_png_sample(png_sample, tmp_path):
-    result = cnnkit.train(plots=False, data=str(png_sample), model="tv:mobilenet_v3_small", image_size=224,
-                          epochs=1, batch_size=64, out=str(tmp_path / "r"), log=lambda s: None)
-    assert len(result.metrics) == 1 and 0 <= result.metrics[0]["val_acc"] <= 1
-    lm = cnnkit.load(result.run_dir)
-    assert lm.image_size == (224, 224)
-    r = cnnkit.predict(lm, sorted(png_sample.rglob("*.png"))[:2], device="cpu")
-    assert len(r[0]["predictions"]) == 3
-
-
 def _saved_state_dict(tmp_path):
     torch.manual_seed(1)
     reference = torchvision.models.mobilenet_v3_small()
@@ -33,7 +23,8 @@ def test_local_torchvision_weights_load_and_frozen_backbone_stays_bitwise(tmp_pa
     path, reference = _saved_state_dict(tmp_path)
     settings = dict(data="digits", model="tv:mobilenet_v3_small", image_size=32, batch_size=64,
                     weights=str(path), seed=0, log=lambda s: None)
-    frozen = cnnkit.train(plots=False, epochs=1, freeze_epochs=1, out=str(tmp_path / "frozen"), **settings)
+    frozen = cnnkit.train(plots=False,
+                          epochs=1, freeze_epochs=1, out=str(tmp_path / "frozen"), **settings)
     state = torch.load(frozen.run_dir / "last.pt", weights_only=True)["state_dict"]
     body = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
     head_keys = {"classifier.3.weight", "classifier.3.bias"}
@@ -42,7 +33,8 @@ def test_local_torchvision_weights_load_and_frozen_backbone_stays_bitwise(tmp_pa
     torch.manual_seed(0)
     fresh = cnnkit.create_model("tv:mobilenet_v3_small", in_channels=1, image_size=32)
     assert not torch.equal(state["head.weight"], fresh.head.weight)  # the head learned
-    free = cnnkit.train(plots=False, epochs=1, freeze_epochs=0, out=str(tmp_path / "free"), **settings)
+    free = cnnkit.train(plots=False,
+                        epochs=1, freeze_epochs=0, out=str(tmp_path / "free"), **settings)
     state = torch.load(free.run_dir / "last.pt", weights_only=True)["state_dict"]
     assert not all(torch.equal(state["net." + k], reference[k]) for k in body)
 
@@ -73,7 +65,8 @@ def test_balance_changes_the_training_loss(tmp_path, png_sample):
     (root / "dog").mkdir()
     for f in sorted((png_sample / "dog").glob("*.png"))[:4]:
         shutil.copy(f, root / "dog" / f.name)
-    runs = [cnnkit.train(plots=False, data=str(root), recipe="tutorial", model="seed-simple", epochs=1,
+    runs = [cnnkit.train(plots=False,
+                         data=str(root), recipe="tutorial", model="seed-simple", epochs=1,
                          balance=b, out=str(tmp_path / str(b)), log=lambda s: None)
             for b in (False, True)]
     assert runs[0].metrics[0]["train_loss"] != runs[1].metrics[0]["train_loss"]
@@ -112,8 +105,9 @@ def test_tv_models_default_to_a_recipe_that_trains_them(hymenoptera, tmp_path, c
     19 in its second epoch on these photos; the finetune recipe is picked instead."""
     assert cnnkit.make_config(model="tv:resnet18").recipe == "finetune"
     assert cnnkit.make_config(model="tv:resnet18", recipe="fast").recipe == "fast"
-    result = cnnkit.train(plots=False, data=str(hymenoptera), model="tv:resnet18", image_size=64, epochs=3,
-                          out=str(tmp_path / "r"), seed=0, log=lambda s: None)
+    result = cnnkit.train(plots=False, data=str(hymenoptera), model="tv:resnet18",
+                          image_size=64, epochs=3, tta=0, out=str(tmp_path / "r"), seed=0,
+                          log=lambda s: None)
     losses = [m["train_loss"] for m in result.metrics]
     assert result.config.recipe == "finetune" and result.config.optimizer == "adamw"
     assert losses[2] < losses[0] and max(losses[1:]) <= losses[0], losses
@@ -131,11 +125,13 @@ def test_a_new_torchvision_head_starts_at_zero():
     assert model(x).shape == (2, 5) and not model.head.weight.any()
 
 
-@pytest.mark.parametrize("name", ["tv:resnet18", "timm:mobilenetv3_small_100"])
+@pytest.mark.parametrize("name", ["tv:mobilenet_v3_small", "timm:mobilenetv3_small_100"])
 def test_fine_tune_from_a_local_state_dict_at_224(name, hymenoptera, tmp_path, png_sample):
     """A torchvision and a timm model start from a state_dict saved as their library saves
-    it; frozen epochs leave every backbone tensor bitwise as loaded (no gradient reaches
-    it) while the head learns; the run exports to ONNX and predicts."""
+    it, at the 224 pixels of ImageNet weights; frozen epochs leave every backbone tensor
+    bitwise as loaded (no gradient reaches it) while the head learns; the run exports to
+    ONNX and predicts. (Small models: a ResNet-18 at 224 costs 30 times the arithmetic,
+    and tests/test_transfer.py trains a tv:resnet18 from scratch below.)"""
     import timm
     torch.manual_seed(1)
     library = timm.create_model(name[5:]) if name.startswith("timm:") else \
@@ -143,13 +139,16 @@ def test_fine_tune_from_a_local_state_dict_at_224(name, hymenoptera, tmp_path, p
     path = tmp_path / "weights.pth"
     torch.save(library.state_dict(), path)
     # (an untrained backbone's features are weak: a head lr of 5e-3 makes the fall clear)
-    result = cnnkit.train(plots=False, data=str(hymenoptera), model=name, image_size=224, epochs=2,
-                          freeze_epochs=2, weights=str(path), out=str(tmp_path / "r"), seed=0,
-                          lr=5e-3, log=lambda s: None)
+    # (evaluated without test-time flips: a third fewer 224-pixel passes, nothing checked
+    # here depends on them)
+    result = cnnkit.train(plots=False, data=str(hymenoptera), model=name, image_size=224,
+                          epochs=2, freeze_epochs=2, weights=str(path), tta=0,
+                          out=str(tmp_path / "r"), seed=0, lr=5e-3, log=lambda s: None)
     assert result.config.recipe == "finetune"
     losses = [m["train_loss"] for m in result.metrics]
     assert losses[1] < losses[0], losses
     lm = cnnkit.load(result.run_dir)
+    assert lm.image_size == (224, 224)
     body = {k[4:]: v for k, v in lm.model.state_dict().items() if k.startswith("net.")}
     reference = library.state_dict()
     assert body and all(torch.equal(v, reference[k]) for k, v in body.items())
@@ -211,7 +210,8 @@ def test_linear_probe_equals_an_independent_logistic_regression(png_sample, tmp_
     # magnitudes); scikit-learn's float64 logits are exact next to that.
     u, d = 2.0 ** -24, val.shape[1]
     gamma = (d + 1) * u / (1 - (d + 1) * u)
-    magnitude = val.abs() @ head.weight.double().abs().T + head.bias.double().abs()
+    magnitude = val.abs() @ head.weight.detach().double().abs().T + \
+        head.bias.detach().double().abs()
     bound = (gamma + 2 * u) * magnitude
     assert fit.classes_.tolist() == list(range(ours.shape[1]))  # every class in train
     assert ((ours - theirs).abs() <= bound).all(), ((ours - theirs).abs() / bound).max()
