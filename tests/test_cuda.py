@@ -122,7 +122,7 @@ def test_serve_answers_from_cuda(cuda_run, tmp_path):
 
 def test_ddp_with_one_process(tmp_path, data):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", "1", "-m", "cnnkit", "train", "--data", data,
+                        "--nproc-per-node", "1", "-m", "cnnkit", "train", "--no-plots", "--data", data,
                         "--image-size", str(SIZE), "--epochs", "1", "--device", DEVICE, "--out",
                         str(tmp_path / "r")], capture_output=True, text=True, env=ENV,
                        timeout=600)
