@@ -10,8 +10,8 @@ lose the others' results:
               compiled, and the projected time of airbench94's 9.9-epoch schedule
   3. subset   `cnnkit train` with the fast recipe on the real CIFAR-10 subset (4,068 train /
               1,017 val): accuracy and seconds
-  4. predict  benchmarks/predict.py with the model on the GPU: `cnnkit predict` over 10,000
-              PNG files with --csv against decoding them alone (the target of Round 2's
+  4. predict  benchmarks/predict.py with the model on the GPU (step 3's run): `cnnkit
+              predict` over 10,000 PNG files with --csv against decoding them alone (the target of Round 2's
               issue "3 of 9", 70% of decode-alone, which the CPU's 2 cores cannot reach)
 
 It writes gpu-check.json (and each step's own files) into --out and prints a table.
@@ -147,6 +147,8 @@ def main() -> int:
     else:
         sizes = ["--files", "64", "--rounds", "1", "--epochs", "1", "--width", "8,16,16"] \
             if a.dry_run else ["--files", "10000", "--rounds", "2"]
+        if (run / "last.pt").exists():  # the subset's run, trained in step 3
+            sizes += ["--run", str(run)]
         step = run_step("predict", [py, "benchmarks/predict.py", "--device", device,
                                     "--no-onnx", *sizes, "--out", str(out / "predict.json")],
                         out, 150, env)

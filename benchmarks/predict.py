@@ -98,6 +98,8 @@ def main() -> None:
                    help="also time the run's float and int8 ONNX exports (onnxruntime, CPU)")
     p.add_argument("--photos", action="store_true", help="hymenoptera's JPEG photos at 64 "
                    "pixels instead of CIFAR's 32-pixel PNGs")
+    p.add_argument("--run", help="predict with this run folder (default: train one for "
+                   "--epochs on the subset, or on the photos)")
     p.add_argument("--out", default="benchmarks/predict.json")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,9 +110,9 @@ def main() -> None:
         else:
             files = write_files(tmp / "images", a.files)
             data = dict(data=SUBSET, val_fraction=0.2)
-        run = cnnkit.train(**data, epochs=a.epochs, width=a.width, out=str(tmp / "run"),
-                           recipe=a.recipe, device=a.device, plots=False,
-                           log=lambda s: None).run_dir
+        run = Path(a.run) if a.run else cnnkit.train(
+            **data, epochs=a.epochs, width=a.width, out=str(tmp / "run"), recipe=a.recipe,
+            device=a.device, plots=False, log=lambda s: None).run_dir
         runtime = select_runtime(a.device)
         lm = cnnkit.load(run, runtime.device)
         models = {"run (PyTorch)": lm,

@@ -32,53 +32,67 @@ def _data(n: int, size: int = 16, seed: int = 0) -> Split:
     return Split(images, labels)
 
 
-def _steps(model_name: str, batch_size: int, steps: int) -> dict:
-    """A few optimizer steps from a fixed start, as one process of however many run it:
-    augmentation, label smoothing, class weights and momentum all in play."""
+# (global batch, steps): 25 does not split evenly, the processes hold 13 and 12 images
+CASES = [(24, 1), (25, 2)]
+
+
+def _steps(model_name: str) -> list[dict]:
+    """For each of CASES, a few optimizer steps from a fixed start, as one process of however
+    many run it (one job for all cases): augmentation, label smoothing, class weights and
+    momentum all in play."""
     dist = distributed.from_env()
     runtime = select_runtime("cpu")
+    results = []
     with distributed.process_group(dist, runtime.device, timeout=600):
-        torch.manual_seed(0)
-        model = create_model(model_name, num_classes=4, in_channels=3, image_size=(16, 16))
-        net = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        step = TrainStep(optimizer, scheduler, Augment("random", 2, 4), [0.5] * 3, [0.25] * 3,
-                         runtime, label_smoothing=0.1, dist=dist,
-                         class_weights=torch.tensor([1.0, 2.0, 0.5, 1.5]))
-        stats = train_one_epoch(net, _data(60), step, batch_size=batch_size, epoch=0,
-                                generator=torch.Generator().manual_seed(3), max_batches=steps)
-        return {"state": {k: v.clone() for k, v in model.state_dict().items()},
-                "loss": stats.loss, "acc": stats.accuracy}
+        for batch_size, steps in CASES:
+            torch.manual_seed(0)
+            model = create_model(model_name, num_classes=4, in_channels=3, image_size=(16, 16))
+            net = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+            step = TrainStep(optimizer, scheduler, Augment("random", 2, 4), [0.5] * 3,
+                             [0.25] * 3, runtime, label_smoothing=0.1, dist=dist,
+                             class_weights=torch.tensor([1.0, 2.0, 0.5, 1.5]))
+            stats = train_one_epoch(net, _data(60), step, batch_size=batch_size, epoch=0,
+                                    generator=torch.Generator().manual_seed(3),
+                                    max_batches=steps)
+            results.append({"state": {k: v.clone() for k, v in model.state_dict().items()},
+                            "loss": stats.loss, "acc": stats.accuracy})
+    return results
 
 
-@pytest.mark.parametrize("batch_size,steps", [(24, 1), (25, 2)])
-def test_a_ddp_step_with_global_batch_b_equals_one_process_with_batch_b(batch_size, steps):
-    # 25 does not split evenly: the processes hold 13 and 12 images of each batch.
-    ddp = distributed.launch(2, _steps, "seed-simple", batch_size, steps)
-    one = _steps("seed-simple", batch_size, steps)
-    # Another process sums the gradients in another order: equal to rounding, on any CPU.
-    for name, value in one["state"].items():
-        assert torch.allclose(ddp["state"][name], value, atol=2e-5, rtol=1e-4), name
-    moved = max((one["state"][k] - v).abs().max() for k, v in
-                create_model("seed-simple", num_classes=4, in_channels=3,
-                             image_size=(16, 16)).state_dict().items())
-    assert moved > 1e-3  # the steps really changed the weights
-    assert ddp["loss"] == pytest.approx(one["loss"], rel=1e-4)
-    assert abs(ddp["acc"] - one["acc"]) * batch_size * steps <= 1  # within one image
+def test_a_ddp_step_with_global_batch_b_equals_one_process_with_batch_b():
+    start = create_model("seed-simple", num_classes=4, in_channels=3, image_size=(16, 16))
+    for (batch_size, steps), ddp, one in zip(CASES, distributed.launch(2, _steps, "seed-simple"),
+                                              _steps("seed-simple")):
+        # Another process sums the gradients in another order: equal to float32 rounding
+        # of sums over a few thousand terms, on any CPU.
+        for name, value in one["state"].items():
+            assert torch.allclose(ddp["state"][name], value, atol=2e-5, rtol=1e-4), name
+        moved = max((one["state"][k] - v).abs().max() for k, v in start.state_dict().items())
+        assert moved > 1e-3  # the steps really changed the weights
+        assert ddp["loss"] == pytest.approx(one["loss"], rel=1e-4)
+        assert abs(ddp["acc"] - one["acc"]) * batch_size * steps <= 1  # within one image
 
 
-def _evaluations(state: dict, tta: int):
-    """Rank 0's result of a distributed evaluation, and its own single-process one."""
+TTAS = [0, 2]
+
+
+def _evaluations(state: dict) -> list[tuple]:
+    """For each of TTAS, rank 0's result of a distributed evaluation, and its own
+    single-process one (one job for all)."""
     dist = distributed.from_env()
     runtime = select_runtime("cpu")
+    results = []
     with distributed.process_group(dist, runtime.device, timeout=600):
         model = _eval_model(state)
-        kw = dict(mean=[0.5] * 3, std=[0.25] * 3, runtime=runtime, num_classes=4,
-                  batch_size=100, tta=tta)
-        shared = evaluate_split(model, _data(1037, seed=1), dist=dist, **kw)
-        alone = evaluate_split(model, _data(1037, seed=1), **kw) if dist.main else None
-        return shared, alone
+        for tta in TTAS:
+            kw = dict(mean=[0.5] * 3, std=[0.25] * 3, runtime=runtime, num_classes=4,
+                      batch_size=100, tta=tta)
+            shared = evaluate_split(model, _data(1037, seed=1), dist=dist, **kw)
+            alone = evaluate_split(model, _data(1037, seed=1), **kw) if dist.main else None
+            results.append((shared, alone))
+    return results
 
 
 def _eval_model(state):
@@ -88,8 +102,7 @@ def _eval_model(state):
     return model
 
 
-@pytest.mark.parametrize("tta", [0, 2])
-def test_distributed_evaluation_equals_one_process(tta):
+def test_distributed_evaluation_equals_one_process():
     torch.manual_seed(1)
     model = create_model("fastnet", num_classes=4, in_channels=3, image_size=(16, 16),
                          widths=(8, 16, 16))
@@ -97,18 +110,20 @@ def test_distributed_evaluation_equals_one_process(tta):
     with torch.no_grad():  # BatchNorm statistics that are not the defaults
         model(torch.randn(64, 3, 16, 16))
     state = model.state_dict()
-    shared, alone = distributed.launch(2, _evaluations, state, tta)
-    # 1037 images in 11 batches of up to 100: rank 0 computed 6 of them, rank 1 five.
-    here = evaluate_split(_eval_model(state), _data(1037, seed=1), mean=[0.5] * 3, std=[0.25] * 3,
-                    runtime=select_runtime("cpu"), num_classes=4, batch_size=100, tta=tta)
-    # Each batch is computed as one process computes it, but the processes split the CPU's
-    # threads, and thread counts change the rounding: equal to rounding, and to an image.
-    for single in (alone, here):
-        assert (shared.confusion - single.confusion).abs().sum() <= 2  # one image moved
-        assert shared.accuracy == pytest.approx(single.accuracy, abs=1.5 / 1037)
-        assert shared.loss == pytest.approx(single.loss, rel=1e-4)
-        assert torch.allclose(shared.probs, single.probs, atol=1e-5, rtol=0)
-    assert int(shared.confusion.sum()) == 1037 and shared.probs.shape == (1037, 4)
+    for tta, (shared, alone) in zip(TTAS, distributed.launch(2, _evaluations, state)):
+        # 1037 images in 11 batches of up to 100: rank 0 computed 6 of them, rank 1 five.
+        here = evaluate_split(_eval_model(state), _data(1037, seed=1), mean=[0.5] * 3,
+                              std=[0.25] * 3, runtime=select_runtime("cpu"), num_classes=4,
+                              batch_size=100, tta=tta)
+        # Each batch is computed as one process computes it, but the processes split the
+        # CPU's threads, and thread counts change the rounding: equal to float32 rounding
+        # (probabilities to 1e-5), and to an image whose top two classes are that close.
+        for single in (alone, here):
+            assert (shared.confusion - single.confusion).abs().sum() <= 2  # one image moved
+            assert shared.accuracy == pytest.approx(single.accuracy, abs=1.5 / 1037)
+            assert shared.loss == pytest.approx(single.loss, rel=1e-4)
+            assert torch.allclose(shared.probs, single.probs, atol=1e-5, rtol=0)
+        assert int(shared.confusion.sum()) == 1037 and shared.probs.shape == (1037, 4)
 
 
 def test_torchrun_run_completes_with_one_run_folder(tmp_path):
