@@ -282,7 +282,7 @@ def _agents(run: Path, nnodes: str, *extra: str, conf: str = "",
 def _wait_for(event, *agents: subprocess.Popen) -> None:
     """Until event() holds, while every agent runs; 10 minutes at most (a machine 5x slower
     than this one needs a minute)."""
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 10 * 60
     while not event():
         assert time.monotonic() < deadline and all(a.poll() is None for a in agents), \
             "\n\n".join(_output(a) for a in agents)

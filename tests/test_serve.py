@@ -34,7 +34,7 @@ def _start(run_dir, *flags):
                              str(port), *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600  # an outer limit: a slow machine starts it in seconds
+    deadline = time.monotonic() + 10 * 60  # an outer limit: a slow machine starts it in seconds
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
@@ -58,7 +58,7 @@ def _tcp() -> list[tuple[int, int, str, int]]:
 
 
 def _wait_until(event, proc) -> None:
-    deadline = time.monotonic() + 600  # an outer limit: the event comes in milliseconds
+    deadline = time.monotonic() + 10 * 60  # an outer limit: the event comes in milliseconds
     while not event():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.01)
