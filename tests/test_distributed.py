@@ -249,8 +249,9 @@ def _agents(run: Path, nnodes: str, *extra: str, conf: str = "",
     The first hosts the rendezvous store (is_host=1), as the endpoint's machine would. The
     second starts before it and waits for that store (read_timeout: up to 10 minutes); the
     first starts once the second has logged that its launcher is up (its imports done, the
-    store next). So both are ready when the store opens, and a --nnodes MIN:MAX rendezvous
-    cannot close round 0 with the first alone, however slowly Python and torch start here
+    store next). So both are ready when the store opens, however slowly Python and torch
+    start here, and the second joins round 0 at its next connection retry (seconds: a
+    --nnodes MIN:MAX test gives the last call room for that)
     (started the other way round, on a slower machine the second was still importing torch
     when last_call_timeout closed round 0 without it; it then joined round 1 as a new
     machine does, and that scale-up hangs in PyTorch 2.14's agent with its shared store:
@@ -362,8 +363,14 @@ def test_two_agents_are_one_job_and_one_that_leaves_for_good_leaves_the_other_to
     machine's worker loses its peer, its agent restarts it in a job of one, and it resumes
     the run folder and finishes alone."""
     run = tmp_path / "run"
+    # last_call_timeout: how long round 0 waits for a second machine once the first is in
+    # (it closes at once when both are). The second agent is started first and has done its
+    # imports, but it reaches the store only at its next connection retry: 3 s after the
+    # store opened on a busy machine, when a 2-s last call had closed round 0 without it
+    # (and the scale-up that followed hung, see _agents). After the kill, the survivor's
+    # round waits this long too.
     agents = _agents(run, "1:2", "--max-restarts", "1",
-                     conf="join_timeout=600,last_call_timeout=2")
+                     conf="join_timeout=600,last_call_timeout=20")
     try:
         _wait_for(lambda: (run / "metrics.csv").exists() and len(_metrics(run)) >= 2, *agents)
         # the machine goes: its agent and its worker (torchrun starts workers in sessions
