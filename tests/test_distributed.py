@@ -126,26 +126,6 @@ def test_distributed_evaluation_equals_one_process():
         assert int(shared.confusion.sum()) == 1037 and shared.probs.shape == (1037, 4)
 
 
-def test_torchrun_run_completes_with_one_run_folder(tmp_path):
-    runs = tmp_path / "runs"
-    p = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "cnnkit", "train", "--no-plots", "--data", "digits", "--model", "seed-simple",
-         "--image-size", "16", "--epochs", "2",
-         "--device", "cpu", "--out", runs / "ddp"],
-        capture_output=True, text=True, env=ENV, timeout=600)
-    assert p.returncode == 0, p.stderr
-    assert os.listdir(runs) == ["ddp"]
-    assert {"config.json", "metrics.csv", "last.pt", "best.pt", "report.html"} <= \
-        set(os.listdir(runs / "ddp"))
-    # Only rank 0 prints: each epoch once.
-    assert [l.split()[0] for l in p.stdout.splitlines()
-            if re.match(r"\s*\d+/\d+ ", l)] == ["1/2", "2/2"]
-    assert "2 processes (gloo)" in p.stdout
-    assert json.loads((runs / "ddp" / "config.json").read_text())["processes"] == 2
-    assert "Traceback" not in p.stderr
-
-
 def _rank1_pid(launcher: subprocess.Popen, run: Path) -> int:
     """The worker process that is not rank 0: rank 0 is the one holding the run folder's lock."""
     children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
@@ -159,11 +139,29 @@ def _rank1_pid(launcher: subprocess.Popen, run: Path) -> int:
     return others[0]
 
 
-def _train(*args, nproc=None):
+def _command(*args, nproc=None) -> list[str]:
     extra = ["--nproc", str(nproc)] if nproc else []
-    return subprocess.run([sys.executable, "-m", "cnnkit", "train", "--no-plots",
-                           *map(str, args), *extra],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    return [sys.executable, "-m", "cnnkit", "train", "--no-plots", *map(str, args), *extra]
+
+
+def _train(*args, nproc=None):
+    return subprocess.run(_command(*args, nproc=nproc), capture_output=True, text=True,
+                          env=ENV, timeout=600)
+
+
+def _together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Independent runs side by side (most of a small run is starting Python and torch,
+    which two cores do at once), each as subprocess.run would return it."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=ENV) for c in commands]
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err)
+            for p, (out, err) in zip(procs, outputs)]
 
 
 def test_a_killed_rank_ends_the_job_and_resume_takes_any_process_count(tmp_path):
@@ -195,8 +193,8 @@ def test_a_killed_rank_ends_the_job_and_resume_takes_any_process_count(tmp_path)
     # whose randomness and statistics are per process) the first epoch after the resume
     # agrees to rounding; later epochs drift apart as rounding differences grow.
     subprocess.run(["cp", "-r", run, tmp_path / "copy"], check=True)
-    one = _train("--resume", run)
-    two = _train("--resume", tmp_path / "copy", nproc=2)
+    one, two = _together(_command("--resume", run),
+                         _command("--resume", tmp_path / "copy", nproc=2))
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     rows = [[[float(v) for v in line.split(",")]
@@ -321,14 +319,16 @@ def _final_state(run: Path) -> dict:
 
 def test_a_rank_killed_under_max_restarts_is_restarted_and_the_run_finishes(tmp_path,
                                                                             reference):
-    """torchrun --max-restarts 1: a worker SIGKILLed mid-epoch; the agent restarts both,
-    they resume the run folder after its last saved epoch, and the run ends as one that was
-    never interrupted (the same data stream and steps; the restarted attempt meets in a
-    store of its own, see distributed.restart_store)."""
+    """A torchrun job of 2 processes writes one run folder (rank 0's, its report too) and
+    only rank 0 prints. Under --max-restarts 1, a worker SIGKILLed mid-epoch: the agent
+    restarts both, they resume the run folder after its last saved epoch, and the run ends
+    as one that was never interrupted (the same data stream and steps; the restarted
+    attempt meets in a store of its own, see distributed.restart_store)."""
+    runs = tmp_path / "runs"
     agent = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-         "2", "--max-restarts", "1", "-m", "cnnkit", "train", "--no-plots", *JOB,
-         "--dist-timeout", "30", "--out", str(tmp_path / "run")],
+         "2", "--max-restarts", "1", "-m", "cnnkit", "train", *JOB,
+         "--dist-timeout", "30", "--out", str(runs / "run")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
         start_new_session=True)
     seen = []
@@ -337,20 +337,29 @@ def test_a_rank_killed_under_max_restarts_is_restarted_and_the_run_finishes(tmp_
         if line.split()[:1] == ["1/4"]:
             break
     time.sleep(0.3)
-    os.kill(_rank1_pid(agent, tmp_path / "run"), signal.SIGKILL)
+    os.kill(_rank1_pid(agent, runs / "run"), signal.SIGKILL)
     try:
         out, err = agent.communicate(timeout=600)
     finally:
         if agent.poll() is None:
             os.killpg(agent.pid, signal.SIGKILL)
     assert agent.returncode == 0, err[-3000:]
-    assert "resuming" in "".join(seen) + out
-    rows = _metrics(tmp_path / "run")
+    out = "".join(seen) + out
+    assert "resuming" in out and "2 processes (gloo)" in out
+    # one run folder, written by rank 0; every epoch printed once, by rank 0 alone, the
+    # killed epoch too (printed once, after the restart)
+    assert os.listdir(runs) == ["run"]
+    assert {"config.json", "metrics.csv", "last.pt", "best.pt", "report.html"} <= \
+        set(os.listdir(runs / "run"))
+    assert json.loads((runs / "run" / "config.json").read_text())["processes"] == 2
+    assert [l.split()[0] for l in out.splitlines() if re.match(r"\s*\d+/\d+ ", l)] == \
+        ["1/4", "2/4", "3/4", "4/4"]
+    rows = _metrics(runs / "run")
     assert [r[0] for r in rows] == [0, 1, 2, 3]  # every epoch once
     # Both jobs are 2 processes with the same stream: closer than 1 against 2 processes
     for a, b in zip(rows, _metrics(reference)):
         assert a[1] == pytest.approx(b[1], rel=1e-3) and abs(a[4] - b[4]) * 360 <= 2
-    restarted, uninterrupted = _final_state(tmp_path / "run"), _final_state(reference)
+    restarted, uninterrupted = _final_state(runs / "run"), _final_state(reference)
     for name, value in uninterrupted.items():
         assert torch.allclose(restarted[name], value, atol=1e-4, rtol=1e-3), name
 

@@ -85,21 +85,29 @@ def _wait_for_rows(run, n, proc, timeout=600):
     raise AssertionError("training made no progress")
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_keeps_the_last_epoch_and_says_how_to_resume(tmp_path, sig, code):
-    run = tmp_path / "run"
-    proc = _spawn("train", "--data", "digits", "--width", "8,16,16", "--epochs", "500",
-                  "--out", run)
-    _wait_for_rows(run, 2, proc)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and f"cnnkit train --resume {run}" in lines[0], err
-    ckpt = torch.load(run / "last.pt", weights_only=True)
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
-    assert ckpt["epoch"] == int(rows[-1]["epoch"]) >= 1
-    assert cnnkit.load(run / "last.pt").classes == [str(i) for i in range(10)]
+def test_signal_keeps_the_last_epoch_and_says_how_to_resume(tmp_path):
+    """SIGINT (Ctrl-C) and SIGTERM, each to a run of its own (side by side: most of each
+    is starting Python and torch)."""
+    runs = {signal.SIGINT: (tmp_path / "int", 130), signal.SIGTERM: (tmp_path / "term", 143)}
+    procs = {sig: _spawn("train", "--data", "digits", "--width", "8,16,16", "--epochs",
+                         "500", "--out", run) for sig, (run, _) in runs.items()}
+    try:
+        for sig, (run, code) in runs.items():
+            proc = procs[sig]
+            _wait_for_rows(run, 2, proc)
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == code, err
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and f"cnnkit train --resume {run}" in lines[0], err
+            ckpt = torch.load(run / "last.pt", weights_only=True)
+            rows = list(csv.DictReader(open(run / "metrics.csv")))
+            assert ckpt["epoch"] == int(rows[-1]["epoch"]) >= 1
+            assert cnnkit.load(run / "last.pt").classes == [str(i) for i in range(10)]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
 
 
 KILLER = textwrap.dedent("""

@@ -125,13 +125,16 @@ def test_a_new_torchvision_head_starts_at_zero():
     assert model(x).shape == (2, 5) and not model.head.weight.any()
 
 
-@pytest.mark.parametrize("name", ["tv:mobilenet_v3_small", "timm:mobilenetv3_small_100"])
-def test_fine_tune_from_a_local_state_dict_at_224(name, hymenoptera, tmp_path, png_sample):
+# the torchvision one at the 224 pixels of ImageNet weights; the timm one at 128, a third of
+# the arithmetic (tests/test_pretrained.py runs real timm weights at their own size)
+@pytest.mark.parametrize("name,size", [("tv:mobilenet_v3_small", 224),
+                                       ("timm:mobilenetv3_small_100", 128)])
+def test_fine_tune_from_a_local_state_dict(name, size, hymenoptera, tmp_path, png_sample):
     """A torchvision and a timm model start from a state_dict saved as their library saves
-    it, at the 224 pixels of ImageNet weights; frozen epochs leave every backbone tensor
-    bitwise as loaded (no gradient reaches it) while the head learns; the run predicts,
-    and (the timm one) exports to ONNX. (Small models: a ResNet-18 at 224 costs 30 times the arithmetic,
-    and tests/test_transfer.py trains a tv:resnet18 from scratch below.)"""
+    it; frozen epochs leave every backbone tensor bitwise as loaded (no gradient reaches
+    it) while the head learns; the run predicts, and (the timm one) exports to ONNX.
+    (Small models: a ResNet-18 at 224 costs 30 times the arithmetic, and
+    tests/test_transfer.py trains a tv:resnet18 from scratch below.)"""
     import timm
     torch.manual_seed(1)
     library = timm.create_model(name[5:]) if name.startswith("timm:") else \
@@ -141,14 +144,14 @@ def test_fine_tune_from_a_local_state_dict_at_224(name, hymenoptera, tmp_path, p
     # (an untrained backbone's features are weak: a head lr of 5e-3 makes the fall clear)
     # (evaluated without test-time flips: a third fewer 224-pixel passes, nothing checked
     # here depends on them)
-    result = cnnkit.train(plots=False, data=str(hymenoptera), model=name, image_size=224,
+    result = cnnkit.train(plots=False, data=str(hymenoptera), model=name, image_size=size,
                           epochs=2, freeze_epochs=2, weights=str(path), tta=0,
                           out=str(tmp_path / "r"), seed=0, lr=5e-3, log=lambda s: None)
     assert result.config.recipe == "finetune"
     losses = [m["train_loss"] for m in result.metrics]
     assert losses[1] < losses[0], losses
     lm = cnnkit.load(result.run_dir)
-    assert lm.image_size == (224, 224)
+    assert lm.image_size == (size, size)
     body = {k[4:]: v for k, v in lm.model.state_dict().items() if k.startswith("net.")}
     reference = library.state_dict()
     assert body and all(torch.equal(v, reference[k]) for k, v in body.items())

@@ -26,7 +26,7 @@ from .version import __version__
 from .config import Config, field_names
 from .data import BUILTIN, Dataset, load_dataset
 from .errors import CnnkitError, SettingsError, first_line
-from .models import create_model
+from .models import create_model, is_zoo_name, model_entry
 
 FORMAT = 2  # 1: cnnkit 0.1's checkpoints, the facts at the top level
 
@@ -345,9 +345,17 @@ class LoadedModel:
         return self.info.std
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def load(path: str | Path, device: str | torch.device = "cpu",
+         weights: str | Path | None = None) -> LoadedModel:
     """Rebuild a model from a run folder, checkpoint or safetensors file, in eval mode; an
-    exported .onnx file loads for inference with onnxruntime."""
+    exported .onnx file loads for inference with onnxruntime; a torchvision or timm model's
+    name (tv:NAME, timm:NAME) loads it with its pretrained weights and their own classes
+    (`load_pretrained`)."""
+    if is_zoo_name(path) and not Path(path).exists():
+        return load_pretrained(str(path), weights, device)
+    if weights is not None:
+        raise SettingsError(f"--weights is for a pretrained model's name (tv:NAME, "
+                            f"timm:NAME); {path} holds its own weights")
     if str(path).endswith(".onnx"):
         return load_onnx(path)
     ckpt = read_checkpoint(path)
@@ -357,6 +365,33 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     model.to(device).eval()
     return LoadedModel(model, info, str(path), metrics=ckpt.get("metrics") or {},
                        thresholds=ckpt.get("thresholds"))
+
+
+def load_pretrained(name: str, weights: str | Path | None = None,
+                    device: str | torch.device = "cpu") -> LoadedModel:
+    """A torchvision or timm model with its pretrained weights and their own head, to
+    predict the classes it learnt (ImageNet's) with no training: the library's weights
+    (downloaded once), or `weights`, a local copy as the family saves them (timm's
+    EfficientNets also take EfficientNet-PyTorch's). Input size and normalization are the
+    weights' own."""
+    entry = model_entry(name)
+    if entry.pretrained_info is None:
+        raise SettingsError(f"{name} has no pretrained weights of its own; predict with a "
+                            "run folder trained with cnnkit")
+    if weights is not None and is_checkpoint(read_weights_file(weights)):
+        raise SettingsError(f"{weights} is a cnnkit checkpoint: predict with it directly, "
+                            "in place of the model's name")
+    classes = entry.pretrained_classes()
+    facts = entry.pretrained_info()
+    size = (facts["image_size"], facts["image_size"])
+    model = create_model(name, num_classes=len(classes), in_channels=3, image_size=size)
+    source = str(weights) if weights is not None else f"the pretrained weights of {name}"
+    model.load_pretrained(read_weights_file(weights) if weights is not None else
+                          entry.pretrained_state(), source, head=True)
+    model.to(device).eval()
+    info = RunInfo(Config(model=name, tta=0, flip="none"), classes, 3, size,
+                   list(facts["mean"]), list(facts["std"]), data_source=facts["weights"])
+    return LoadedModel(model, info, source)
 
 
 # --- exported models --------------------------------------------------------------------

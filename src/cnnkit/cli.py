@@ -30,7 +30,7 @@ def _config_flags(parser: argparse.ArgumentParser, skip=()) -> dict[str, argpars
         if f.default not in (None, False) and "default" not in help_:
             help_ += f" (default: {'on' if f.default is True else f.default})"
         group = groups[f.metadata["group"]]
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                help=help_)
         else:
@@ -71,7 +71,9 @@ EXAMPLES = {
   cnnkit predict runs/photos-fastnet cat.jpg dog.png
   cnnkit predict runs/photos-fastnet photos/ --recursive --csv predictions.csv
   cnnkit predict runs/photos-fastnet 'photos/*.jpg' --top-k 5
-  cnnkit predict model.onnx photos/ --json""",
+  cnnkit predict model.onnx photos/ --json
+  cnnkit predict tv:resnet18 cat.jpg                ImageNet's classes, no training
+  cnnkit predict timm:tf_efficientnet_lite0 --weights efficientnet-lite0-57934424.pth cat.jpg""",
     "lr-find": """\
   cnnkit lr-find --data cifar10                     the default recipe's model and data
   cnnkit lr-find --data photos/ --model tv:resnet18 --pretrained --out lr.png
@@ -153,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = _verb(sub, "predict", "top classes with probabilities for images: files, folders "
                "or glob patterns")
-    pr.add_argument("run", help="a run folder, checkpoint, or exported .onnx file")
+    pr.add_argument("run", help="a run folder, checkpoint, or exported .onnx file; or a "
+                    "torchvision or timm model's name (tv:NAME, timm:NAME) to predict "
+                    "ImageNet's classes with its pretrained weights")
     pr.add_argument("images", nargs="+", metavar="PATH",
                     help="image files, folders of images, or glob patterns ('photos/*.jpg')")
     pr.add_argument("--recursive", action="store_true",
@@ -164,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how many classes to give per image (default 3)")
     pr.add_argument("--batch-size", type=int, default=64, metavar="N",
                     help="images per forward pass (default 64)")
+    pr.add_argument("--weights", metavar="FILE", help="with a model's name: a local copy of "
+                    "its pretrained weights (as its library saves them) instead of the "
+                    "download")
     pr.add_argument("--device", default="auto", help=DEVICE_HELP)
     pr.add_argument("--json", action="store_true", help="print JSON")
     pr.set_defaults(func=cmd_predict)
@@ -346,7 +353,7 @@ def cmd_predict(args) -> int:
                             "pick another --csv")
     results = predict(args.run, args.images, top_k=args.top_k, device=args.device,
                       batch_size=args.batch_size, recursive=args.recursive,
-                      csv_path=args.csv)
+                      csv_path=args.csv, weights=args.weights)
     errors = [r for r in results if "error" in r]
     for r in errors:
         print(f"cnnkit: error: {r['file']}: {r['error']}", file=sys.stderr)

@@ -76,6 +76,10 @@ class Config:
                                    "frozen (default: 1 when starting from pretrained weights "
                                    "with the finetune recipe, as fastai's fine_tune; else 0)",
                                    group="model")
+    freeze_bn: bool | None = _f(None, "tv: and timm: models: keep a pretrained backbone's "
+                                "BatchNorm statistics as they are while it fine-tunes (its "
+                                "affine weights still train) (default: on when fine-tuning "
+                                "pretrained weights with the finetune recipe)", group="model")
     linear_probe: bool = _f(False, "tv: and timm: models: fit only the new head, as a "
                             "logistic regression (scikit-learn) on the backbone's features "
                             "of every training image, computed once without augmentation: "

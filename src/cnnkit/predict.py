@@ -25,7 +25,7 @@ from .transforms import to_input
 
 def predict(run, images, *, top_k: int = 3, device: str = "auto", batch_size: int = 64,
             recursive: bool = False, csv_path: str | Path | None = None,
-            as_frame: bool = False):
+            as_frame: bool = False, weights: str | Path | None = None):
     """For each image: {"file", "predictions": [{"class", "probability"}, ...]} best first,
     plus "label" when its folder is named like one of the model's classes; or {"file",
     "error"} when it cannot be read. A multi-label model's results also hold "labels" (every
@@ -33,7 +33,9 @@ def predict(run, images, *, top_k: int = 3, device: str = "auto", batch_size: in
     probability, for every label). `images` holds paths, folders (their images; with
     `recursive`, their subfolders' too), glob patterns or PIL images. With `csv_path`, each
     result is also written there as a row as soon as it is known. `as_frame=True` returns
-    a pandas DataFrame with the CSV's columns instead of the list."""
+    a pandas DataFrame with the CSV's columns instead of the list. `run` may also name a
+    torchvision or timm model (`tv:resnet18`, `timm:tf_efficientnet_lite0`): its pretrained
+    weights (`weights`: a local copy of them) predict their own classes, ImageNet's."""
     if as_frame:
         try:
             import pandas
@@ -41,7 +43,7 @@ def predict(run, images, *, top_k: int = 3, device: str = "auto", batch_size: in
             raise SettingsError("predict(..., as_frame=True) needs pandas: pip install "
                                 "pandas") from None
     runtime = select_runtime(device)
-    lm = run if isinstance(run, LoadedModel) else load(run, runtime.device)
+    lm = run if isinstance(run, LoadedModel) else load(run, runtime.device, weights)
     lm.model.to(runtime.device, memory_format=runtime.memory_format)
     items = expand_inputs(images, recursive)
     results = bar(iter_predictions(lm, items, top_k=top_k, runtime=runtime,

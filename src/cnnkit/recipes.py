@@ -105,6 +105,8 @@ def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str,
         changes["freeze_epochs"] = int(cfg.recipe == "finetune" and bool(
             cfg.pretrained or cfg.weights) and not cfg.linear_probe and
             model_entry(cfg.model).pretrained_info is not None)
+    if cfg.freeze_bn is None:
+        changes["freeze_bn"] = False
     return dataclasses.replace(cfg, **changes)
 
 
@@ -129,8 +131,8 @@ def make_config(recipe: str | None = None, **overrides: Any) -> Config:
 
 def check_for_model(cfg: Config) -> None:
     """Settings that only some model families take."""
-    if (cfg.pretrained or cfg.freeze_epochs or cfg.linear_probe) and \
+    if (cfg.pretrained or cfg.freeze_epochs or cfg.linear_probe or cfg.freeze_bn) and \
             model_entry(cfg.model).pretrained_info is None:
-        raise SettingsError("--pretrained, --freeze-epochs and --linear-probe are for "
+        raise SettingsError("--pretrained, --freeze-epochs, --freeze-bn and --linear-probe are for "
                             "torchvision and timm models: --model tv:NAME or timm:NAME "
                             "(e.g. tv:resnet18)")

@@ -95,7 +95,16 @@ def pretrained_form(cfg: Config) -> bool:
 
 
 def input_settings(cfg: Config) -> tuple[Config, tuple | None]:
-    """The image size and (mean, std) that pretrained weights bring, unless given."""
+    """The image size and (mean, std) that the starting weights bring, unless given: a
+    model family's pretrained weights', or a cnnkit checkpoint's own (its model learnt on
+    images so normalized: a probe's head, fine-tuned with --weights RUN/best.pt, still
+    fits the features)."""
+    if cfg.weights and is_checkpoint(raw := read_weights_file(cfg.weights)):
+        info = RunInfo.from_dict(as_checkpoint(raw, cfg.weights))
+        if info.config.model != cfg.model or not info.config.normalize or not cfg.normalize:
+            return cfg, None  # load_weights names a model mismatch
+        size = cfg.image_size or info.input_size[0]
+        return dataclasses.replace(cfg, image_size=size), (info.mean, info.std)
     if not pretrained_form(cfg):
         return cfg, None
     info = model_entry(cfg.model).pretrained_info()
@@ -128,7 +137,7 @@ def prepare(cfg: Config, runtime: Runtime, dataset: Dataset | None = None):
                          image_size=ds.image_size, **model_args)
     mean, std = channel_stats(ds.train.head(50_000)) if cfg.normalize else \
         ([0.0] * ds.in_channels, [1.0] * ds.in_channels)
-    if norm is not None and ds.in_channels == 3:
+    if norm is not None and len(norm[0]) == ds.in_channels:
         mean, std = norm
     model.init_from_data(to_input(ds.train.head(10_000), mean, std))
     return cfg, ds, model, model_args, mean, std

@@ -58,9 +58,10 @@ class Classifier(nn.Module):
         BatchNorm biases keep the base lr. Empty for a model trained from scratch."""
         return []
 
-    def load_pretrained(self, state: dict, source: str) -> None:
+    def load_pretrained(self, state: dict, source: str, head: bool = False) -> None:
         """Load a state_dict of the model's original form (e.g. torchvision's, with its
-        1000-class head) into the body. Models without one refuse."""
+        1000-class head) into the body, and with `head` its classifier into the head too.
+        Models without one refuse."""
         raise SettingsError(f"{source}: this model has no pretrained form; pass a cnnkit "
                             "checkpoint or .safetensors file of the same model")
 
@@ -78,6 +79,7 @@ class PretrainedNet(Classifier):
         self._zero_head()
         self.in_channels = in_channels
         self.frozen = False
+        self.frozen_bn = False  # BatchNorm statistics kept while the backbone trains
 
     def _zero_head(self) -> None:
         # The new head starts at zero (as BiT's fine-tuning does): every class equally
@@ -110,6 +112,7 @@ class PretrainedNet(Classifier):
         return cfg.freeze_epochs
 
     def on_epoch(self, epoch: int, cfg) -> None:
+        self.frozen_bn = bool(cfg.freeze_bn)
         self.set_frozen(epoch < cfg.freeze_epochs)
 
     def set_frozen(self, frozen: bool) -> None:
@@ -123,17 +126,40 @@ class PretrainedNet(Classifier):
         super().train(mode)
         if self.frozen:
             self.net.eval()  # BatchNorm statistics stay as pretrained
+        elif mode and self.frozen_bn:
+            # A few hundred photos in small, augmented batches would pull the statistics
+            # away from what the pretrained layers after them expect (Keras' transfer
+            # learning guide keeps BatchNorm in inference mode for the same reason).
+            for m in self.net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
-    def load_body(self, body: dict, source: str, family: str) -> None:
-        """Load a state_dict with the family's classifier already left out into `net`,
-        or fail naming how it does not fit."""
+    # The family's name in messages; subclasses split its state_dicts (`split_pretrained`).
+    family = ""
+
+    def split_pretrained(self, state: dict) -> tuple[dict, dict]:
+        """A state_dict as the family saves it → (the body's tensors, the family's
+        classifier as {"weight", "bias"}, empty if it has none)."""
+        raise NotImplementedError
+
+    def load_pretrained(self, state: dict, source: str, head: bool = False) -> None:
+        """Load the family's state_dict into `net`, or fail naming how it does not fit; with
+        `head`, its classifier goes into `head` (predicting the pretrained classes),
+        else the head keeps its fresh start."""
+        body, classifier = self.split_pretrained(state)
         own = self.net.state_dict()
         missing = [k for k in own if k not in body]
         wrong = [k for k in body if k not in own or body[k].shape != own[k].shape]
         if missing or wrong:
             key = (missing or wrong)[0]
-            raise SettingsError(f"{source} does not fit this {family} model "
+            raise SettingsError(f"{source} does not fit this {self.family} model "
                                 f"({len(missing)} tensors missing, {len(wrong)} unexpected or "
                                 f"of another shape, e.g. {key})")
         self.net.load_state_dict(body, strict=True)
+        if head:
+            weight = classifier.get("weight")
+            if weight is None or weight.shape != self.head.weight.shape:
+                raise SettingsError(f"{source} has no classifier for "
+                                    f"{self.head.out_features} classes to predict with")
+            self.head.load_state_dict(classifier, strict=True)

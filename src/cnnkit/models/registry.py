@@ -26,6 +26,7 @@ class ModelEntry:
     # weights themselves (downloaded); None for models trained from scratch.
     pretrained_info: Callable[[], dict] | None = None
     pretrained_state: Callable[[], dict] | None = None
+    pretrained_classes: Callable[[], list[str]] | None = None  # the names of their head's classes
     # --width when none is given, per device type (measured fastest there); else the model's own
     widths: dict[str, str] | None = None
     # ... and under a --time-budget shorter than these seconds: (seconds, widths) per device
@@ -64,6 +65,11 @@ def list_models() -> list[str]:
 FAMILIES = {tv.PREFIX: (tv, "torchvision"), timm_models.PREFIX: (timm_models, "timm")}
 
 
+def is_zoo_name(name: str) -> bool:
+    """Whether `name` names a model of another library's zoo (tv:NAME, timm:NAME)."""
+    return str(name).startswith(tuple(FAMILIES))
+
+
 def model_entry(name: str) -> ModelEntry:
     for prefix, (family, title) in FAMILIES.items():
         if name.startswith(prefix):
@@ -77,7 +83,8 @@ def model_entry(name: str) -> ModelEntry:
                               family.build(name, num_classes, in_channels),
                               f"{title} {short}", recipe="finetune",
                               pretrained_info=lambda: family.pretrained_info(short),
-                              pretrained_state=lambda: family.pretrained_state(short))
+                              pretrained_state=lambda: family.pretrained_state(short),
+                              pretrained_classes=lambda: family.pretrained_classes(short))
     if name not in _REGISTRY:
         raise unknown_choice("model", name, list_models() + [
             "tv:NAME, timm:NAME (see cnnkit models)"])

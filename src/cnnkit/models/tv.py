@@ -36,13 +36,15 @@ class TorchvisionNet(PretrainedNet):
         super().__init__(net, old.in_features, num_classes, in_channels)
         self.head_name = linears[-1]
 
-    def load_pretrained(self, state: dict, source: str) -> None:
-        """Load an ImageNet state_dict (as torchvision saves it) into the backbone; its
-        1000-class head is left out, the new head keeps its fresh initialisation."""
-        head_keys = {f"{self.head_name}.weight", f"{self.head_name}.bias"}
-        self.load_body({k: v for k, v in state.items() if k not in head_keys and
-                        not k.startswith(("AuxLogits.", "aux1.", "aux2."))}, source,
-                       "torchvision")
+    family = "torchvision"
+
+    def split_pretrained(self, state: dict) -> tuple[dict, dict]:
+        """An ImageNet state_dict as torchvision saves it: the body, and the 1000-class head
+        (auxiliary heads are left out)."""
+        head = f"{self.head_name}."
+        body = {k: v for k, v in state.items()
+                if not k.startswith((head, "AuxLogits.", "aux1.", "aux2."))}
+        return body, {k[len(head):]: v for k, v in state.items() if k.startswith(head)}
 
 
 def pretrained_info(name: str) -> dict:
@@ -52,6 +54,18 @@ def pretrained_info(name: str) -> dict:
     t = weights.transforms()
     return {"image_size": int(t.crop_size[0]), "mean": list(t.mean), "std": list(t.std),
             "weights": str(weights)}
+
+
+def pretrained_classes(name: str) -> list[str]:
+    """The class names of the weights' own head (ImageNet-1k's, as torchvision names them)."""
+    from torchvision import models
+    return list(models.get_model_weights(name).DEFAULT.meta["categories"])
+
+
+def imagenet_classes() -> list[str]:
+    """ImageNet-1k's 1,000 class names in index order, short and unique as torchvision
+    names them ("crane bird" and "crane"), shipped with torchvision: no download."""
+    return pretrained_classes("resnet18")
 
 
 def pretrained_state(name: str) -> dict:
