@@ -167,15 +167,32 @@ def test_fine_tune_from_a_local_state_dict(name, size, hymenoptera, tmp_path, pn
             predicted
 
 
-def test_weights_of_the_library_bring_its_normalization_and_a_frozen_first_epoch(tmp_path):
+def test_weights_of_the_library_bring_its_normalization_and_a_probe_or_a_frozen_epoch(
+        tmp_path):
     import timm
     path = tmp_path / "w.pth"
     torch.save(timm.create_model("resnet18").state_dict(), path)
-    cfg, ds, model, _, mean, std = prepare(
-        cnnkit.make_config(data=str(shared_data() / "cifar10-png-sample"),
-                           model="timm:resnet18", weights=str(path), image_size=32),
-        select_runtime("cpu"))
-    assert mean == pytest.approx([0.485, 0.456, 0.406]) and cfg.freeze_epochs == 1
+
+    def prepared(**settings):
+        return prepare(cnnkit.make_config(data=str(shared_data() / "cifar10-png-sample"),
+                                          model="timm:resnet18", weights=str(path),
+                                          image_size=32, **settings), select_runtime("cpu"))
+    # 200 images, under PROBE_BELOW: a linear probe, one pass
+    cfg, ds, model, _, mean, std = prepared()
+    assert mean == pytest.approx([0.485, 0.456, 0.406])
+    assert cfg.linear_probe and cfg.epochs == 1 and cfg.freeze_epochs == 0
+    # epochs asked for: fine-tuning, its first epoch on a frozen backbone
+    cfg = prepared(epochs=3)[0]
+    assert not cfg.linear_probe and cfg.epochs == 3 and cfg.freeze_epochs == 1
+    # a cnnkit run's checkpoint is not pretrained weights: no probe, no frozen epoch
+    run = cnnkit.train(plots=False, data=str(shared_data() / "cifar10-png-sample"),
+                       model="timm:resnet18", weights=str(path), image_size=32,
+                       out=str(tmp_path / "probe"), log=lambda s: None)
+    cfg = prepare(cnnkit.make_config(data=str(shared_data() / "cifar10-png-sample"),
+                                     model="timm:resnet18", weights=str(run.run_dir / "best.pt")),
+                  select_runtime("cpu"))[0]
+    assert not cfg.linear_probe and cfg.freeze_epochs == 0 and cfg.epochs == 10
+    assert cfg.image_size == 32  # the run's own input size and normalization
     assert cnnkit.make_config(model="timm:resnet18").freeze_epochs is None  # filled later
 
 

@@ -65,7 +65,9 @@ class Config:
                            "resnet9: 4, resnet18: 1 base width); default: the model's own",
                            group="model", metavar="W,W,...")
     weights: str | None = _f(None, "start from these weights: a cnnkit checkpoint (.pt) or "
-                             ".safetensors file for the same model and classes", group="model",
+                             ".safetensors file for the same model and classes, or for tv: "
+                             "and timm: models their library's state_dict (timm's "
+                             "EfficientNets also EfficientNet-PyTorch's)", group="model",
                              metavar="FILE")
     pretrained: bool = _f(False, "tv: and timm: models: start from the library's pretrained "
                           "weights (downloaded once; image size and normalization follow "
@@ -80,11 +82,14 @@ class Config:
                                 "BatchNorm statistics as they are while it fine-tunes (its "
                                 "affine weights still train) (default: on when fine-tuning "
                                 "pretrained weights with the finetune recipe)", group="model")
-    linear_probe: bool = _f(False, "tv: and timm: models: fit only the new head, as a "
-                            "logistic regression (scikit-learn) on the backbone's features "
-                            "of every training image, computed once without augmentation: "
-                            "one 'epoch' of seconds; fine-tune after it with --weights "
-                            "RUN/best.pt", group="model")
+    linear_probe: bool | None = _f(None, "tv: and timm: models: fit only the new head, as "
+                                   "a logistic regression (scikit-learn) on the backbone's "
+                                   "features of every training image, computed once without "
+                                   "augmentation: one 'epoch' of seconds; fine-tune after it "
+                                   "with --weights RUN/best.pt (default: on for pretrained "
+                                   "weights and under 1,000 training images with the finetune "
+                                   "recipe, when no number of epochs is given)",
+                                   group="model")
     backbone_lr_mult: float = _f(0.1, "lr multiplier of a pretrained or once-frozen "
                                  "backbone", group="training")
     balance: bool = _f(False, "weight the loss by inverse class frequency", group="training")

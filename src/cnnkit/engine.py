@@ -222,9 +222,12 @@ def linear_probe(model: nn.Module, data: Split, *, mean, std, runtime: Runtime,
     fit = LogisticRegression(C=c, max_iter=2000).fit(z, y.numpy())
     coef = torch.as_tensor(fit.coef_, dtype=torch.float64)
     intercept = torch.as_tensor(fit.intercept_, dtype=torch.float64)
-    if len(fit.classes_) == 2:  # sklearn's binary form: one row, for its second class
-        coef, intercept = torch.cat([torch.zeros_like(coef), coef]), \
-            torch.cat([torch.zeros_like(intercept), intercept])
+    if len(fit.classes_) == 2:
+        # sklearn's binary form is one row, the second class's log-odds: split it evenly
+        # between the two logits (softmax sees the same difference), so each class's logit
+        # carries its evidence (Grad-CAM of the first class would otherwise find none)
+        coef, intercept = torch.cat([-coef / 2, coef / 2]), \
+            torch.cat([-intercept / 2, intercept / 2])
     head = model.get_classifier()
     weight = torch.zeros_like(head.weight, dtype=torch.float64)
     bias = torch.full_like(head.bias, -30.0, dtype=torch.float64)  # classes never seen

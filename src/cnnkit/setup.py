@@ -130,7 +130,8 @@ def prepare(cfg: Config, runtime: Runtime, dataset: Dataset | None = None):
         check_multi_label_settings(cfg)
     # the saved config says whether the run is multi-label, flag or not
     cfg = dataclasses.replace(cfg, multi_label=ds.multi_label)
-    cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type, ds.image_size)
+    cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type, ds.image_size,
+                               pretrained=pretrained_form(cfg))
     torch.manual_seed(cfg.seed)
     model_args = {"widths": list(parse_widths(cfg.width))} if cfg.width else {}
     model = create_model(cfg.model, num_classes=len(ds.classes), in_channels=ds.in_channels,

@@ -138,7 +138,9 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
             f"{len(ds.classes)} {'labels (multi-label)' if ds.multi_label else 'classes'}, "
             f"{ds.in_channels}×{ds.image_size[0]}×{ds.image_size[1]}")
         log(f"model: {cfg.model} ({sum(p.numel() for p in model.parameters()):,} parameters), "
-            f"recipe {cfg.recipe}, {cfg.epochs} epochs, batch {cfg.batch_size}, {run.plan}, "
+            f"recipe {cfg.recipe}, " + ("a linear probe of its features, " if cfg.linear_probe
+                                        else f"{cfg.epochs} epochs, ") +
+            f"batch {cfg.batch_size}, {run.plan}, "
             f"{where}; run folder {run_dir}" + (f"; resuming after epoch {first_epoch - 1}"
                                                  if ckpt is not None else ""))
         final = result.final = _loop(run, result, first_epoch, steps_done, run_dir, log,
