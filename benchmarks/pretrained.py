@@ -101,6 +101,20 @@ def accuracy(model: nn.Module, val: DataLoader) -> float:
     return right / total
 
 
+def one_epoch(model: nn.Module, train: DataLoader, optimizer, per_step=None) -> float:
+    """One pass in train mode (BatchNorm statistics move, as in both tutorials); its
+    seconds. `per_step`: a scheduler stepped after every batch."""
+    start = time.perf_counter()
+    model.train()
+    for x, y in train:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        if per_step is not None:
+            per_step.step()
+    return time.perf_counter() - start
+
+
 def tutorial_row(data: Path, seed: int, fixed: bool, epochs: int = 25) -> dict:
     """PyTorch's transfer-learning tutorial (its train_model loop): model.train() for each
     epoch's pass (so the frozen body's BatchNorm statistics still move, as there), the best
@@ -118,14 +132,8 @@ def tutorial_row(data: Path, seed: int, fixed: bool, epochs: int = 25) -> dict:
     train, val = loaders(data, seed, batch=4, min_scale=0.08)
     seconds, curve = 0.0, []
     for _ in range(epochs):
-        start = time.perf_counter()
-        model.train()
-        for x, y in train:
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+        seconds += one_epoch(model, train, optimizer)
         scheduler.step()
-        seconds += time.perf_counter() - start
         curve.append(round(accuracy(model, val), 4))
     return {"val_acc": curve[-1], "best_epoch_val_acc": max(curve), "train_seconds": seconds,
             "curve": curve}
@@ -160,14 +168,7 @@ def fastai_row(data: Path, seed: int, epochs: int = 4, freeze_epochs: int = 1,
             div_factor=25.0, final_div_factor=1e5, cycle_momentum=True,
             base_momentum=0.85, max_momentum=0.95)
         for _ in range(n_epochs):
-            start = time.perf_counter()
-            model.train()
-            for x, y in train:
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-                sched.step()
-            seconds += time.perf_counter() - start
+            seconds += one_epoch(model, train, opt, sched)
             curve.append(round(accuracy(model, val), 4))
 
     one_cycle(freeze_epochs, [base_lr] * 3, 0.99, frozen=True)
