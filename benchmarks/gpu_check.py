@@ -1,6 +1,6 @@
 """The GPU check: everything cnnkit's CUDA path needs checked and measured, in one command
-that fits in 8 minutes on one H100 (run it through benchmarks/gpu_check.sh, which sets up
-the machine). Each step runs on its own, with its own time limit, so one failure does not
+that took 3.5 minutes on one H200 (2026-12-04, benchmarks/RESULTS.md section 19; run it
+through benchmarks/gpu_check.sh, which sets up the machine). Each step runs on its own, with its own time limit, so one failure does not
 lose the others' results:
 
   1. tests    pytest -m cuda (tests/test_cuda.py)
@@ -111,7 +111,8 @@ def main() -> int:
 
     # 1. the CUDA tests
     step = run_step("tests", [py, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py",
-                              "-p", "no:cacheprovider", f"--junitxml={out / 'junit.xml'}"],
+                              "-rA", "-p", "no:cacheprovider",
+                              f"--junitxml={out / 'junit.xml'}"],
                     out, 300, env)
     report["steps"]["tests"] = {**step, **junit_summary(out / "junit.xml")}
 

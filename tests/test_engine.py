@@ -72,6 +72,9 @@ def test_fast_recipe_is_the_default():
     ("fast", "cpu", 4000, dict(epochs=16, batch_size=256, width="40,160,160", lr=0.24,
                               sgd_lr=0.053 * 256)),
     ("fast", "cuda", 50_000, dict(epochs=8, batch_size=1024, width="64,256,256")),
+    # a mid-sized data set keeps about 16 steps an epoch on a GPU too
+    ("fast", "cuda", 4068, dict(batch_size=256, sgd_lr=0.053 * 256)),
+    ("fast", "cuda", 10_000, dict(batch_size=512)),
     ("fast", "cpu", 500, dict(epochs=32)),  # little data: more epochs, at most twice
     ("fast-sgd", "cpu", 4000, dict(epochs=20, batch_size=128, lr=0.2, optimizer="sgd",
                                   sgd_lr=None, warmup=0.23)),

@@ -229,8 +229,9 @@ def linear_probe(model: nn.Module, data: Split, *, mean, std, runtime: Runtime,
         coef, intercept = torch.cat([-coef / 2, coef / 2]), \
             torch.cat([-intercept / 2, intercept / 2])
     head = model.get_classifier()
-    weight = torch.zeros_like(head.weight, dtype=torch.float64)
-    bias = torch.full_like(head.bias, -30.0, dtype=torch.float64)  # classes never seen
+    # built on the CPU beside scikit-learn's arrays, then copied to the model's device
+    weight = torch.zeros(head.weight.shape, dtype=torch.float64)
+    bias = torch.full(head.bias.shape, -30.0, dtype=torch.float64)  # classes never seen
     rows = torch.as_tensor(fit.classes_, dtype=torch.long)
     weight[rows], bias[rows] = coef / sigma, intercept - (coef * mu / sigma).sum(1)
     head.weight.copy_(weight)

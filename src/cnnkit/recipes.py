@@ -111,6 +111,11 @@ def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str,
             # A small data set gets about 8 steps an epoch: on hymenoptera's 245 photos
             # batch 32 beat 256 by 4 points (benchmarks/RESULTS.md section 13)
             batch = min(batch, max(32, 2 ** round(math.log2(max(num_train, 1) / 8))))
+        elif cfg.recipe in FAST:
+            # and a mid-sized one about 16, as the CPU's 256 gives 4,000 images: on an H200
+            # the GPU's 1024 (4 steps an epoch) lost 6.6 points to 256 on the CIFAR subset
+            # (3 seeds, benchmarks/RESULTS.md section 19); 50,000 images keep 1024
+            batch = min(batch, max(256, 2 ** round(math.log2(num_train / 16))))
         changes["batch_size"] = batch
     batch = changes.get("batch_size", cfg.batch_size)
     if cfg.lr is None:

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..errors import SettingsError
 from .base import Classifier
-from .layers import pool_or_keep
+from .layers import GlobalMaxPool, pool_or_keep
 from .registry import register_model
 
 
@@ -61,7 +61,7 @@ class FastNet(Classifier):
             c_in = w
         self.blocks = nn.Sequential(*blocks)
         self.act = nn.GELU()
-        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.pool = GlobalMaxPool()
         self.fc = nn.Linear(c_in, num_classes, bias=False)
         self.head_scale = head_scale
 
@@ -84,7 +84,7 @@ class FastNet(Classifier):
         return self.blocks(self.act(self.whiten(x)))
 
     def forward_head(self, x):
-        return self.fc(self.pool(x).flatten(1)) * self.head_scale
+        return self.fc(self.pool(x)) * self.head_scale
 
     def warmup_epochs(self, cfg) -> int:
         return cfg.whiten_bias_epochs if self.whiten.bias is not None else 0

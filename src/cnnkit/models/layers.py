@@ -25,3 +25,12 @@ class Residual(nn.Module):
 
     def forward(self, x):
         return x + self.block(x)
+
+
+class GlobalMaxPool(nn.Module):
+    """Each channel's largest value, as (N, C). nn.AdaptiveMaxPool2d(1) computes the same,
+    but torch 2.11's ONNX exporter has no function for it (seen on the GPU machine,
+    2026-12-04); a reduction exports under every version."""
+
+    def forward(self, x):
+        return x.amax(dim=(2, 3))

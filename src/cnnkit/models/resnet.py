@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from ..errors import SettingsError
 from .base import Classifier
-from .layers import Residual, conv_bn, pool_or_keep
+from .layers import GlobalMaxPool, Residual, conv_bn, pool_or_keep
 from .registry import register_model
 
 
@@ -26,7 +26,7 @@ class ResNet9(Classifier):
             if residual:
                 stages.append(Residual(nn.Sequential(conv_bn(c_out, c_out), conv_bn(c_out, c_out))))
         self.features = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.pool = GlobalMaxPool()
         self.fc = nn.Linear(w3, num_classes, bias=False)
         self.head_scale = head_scale  # the records scale logits down instead of a softmax temperature
 
@@ -34,7 +34,7 @@ class ResNet9(Classifier):
         return self.features(x)
 
     def forward_head(self, x):
-        return self.fc(self.pool(x).flatten(1)) * self.head_scale
+        return self.fc(self.pool(x)) * self.head_scale
 
 
 class BasicBlock(nn.Module):
