@@ -27,8 +27,10 @@ browser:
 	    $(SUDO) apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
+# One pytest worker per core (at most 4), each test file kept on one worker so that its
+# module fixtures are built once; tests/conftest.py shares the cores out among them.
 test: install browser
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=20
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

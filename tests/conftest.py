@@ -5,6 +5,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (`make test`: one worker per core, at most 4) each worker and the
+# processes it starts get an equal share of the cores. With PyTorch's default, every worker
+# runs as many OpenMP threads as there are cores, and their spinning threads ran the suite
+# 1.7 times slower than one worker (2 workers on 2 cores, 2026-12-04). Set before torch is
+# imported, and inherited by the cnnkit and torchrun processes that tests start.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // int(
+        os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def shared_data() -> Path:
     """The real data in ../shared/data (see its README); CNNKIT_SHARED_DATA overrides."""
