@@ -1,7 +1,7 @@
 """The GPU check: everything cnnkit's CUDA path needs checked and measured, in one command
 that took 3.5 minutes on one H200 (2026-12-04, benchmarks/RESULTS.md section 19; run it
-through benchmarks/gpu_check.sh, which sets up the machine). Each step runs on its own, with its own time limit, so one failure does not
-lose the others' results:
+through benchmarks/gpu_check.sh, which sets up the machine). Each step runs on its own,
+with its own time limit, so one failure does not lose the others' results:
 
   1. tests    pytest -m cuda (tests/test_cuda.py)
   2. speed    benchmarks/throughput.py: the default GPU recipe's training images/s (fastnet

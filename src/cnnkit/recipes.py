@@ -107,15 +107,14 @@ def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str,
             changes["epochs"] = 10
     if cfg.batch_size is None:
         batch = FAST.get(cfg.recipe, {}).get("batch", {}).get(device_type, 128)
-        if cfg.recipe in FAST and num_train < 2048:
+        if cfg.recipe in FAST:
             # A small data set gets about 8 steps an epoch: on hymenoptera's 245 photos
-            # batch 32 beat 256 by 4 points (benchmarks/RESULTS.md section 13)
-            batch = min(batch, max(32, 2 ** round(math.log2(max(num_train, 1) / 8))))
-        elif cfg.recipe in FAST:
-            # and a mid-sized one about 16, as the CPU's 256 gives 4,000 images: on an H200
-            # the GPU's 1024 (4 steps an epoch) lost 6.6 points to 256 on the CIFAR subset
-            # (3 seeds, benchmarks/RESULTS.md section 19); 50,000 images keep 1024
-            batch = min(batch, max(256, 2 ** round(math.log2(num_train / 16))))
+            # batch 32 beat 256 by 4 points (benchmarks/RESULTS.md section 13). A mid-sized
+            # one gets about 16, as the CPU's 256 gives 4,000 images: on an H200 the GPU's
+            # 1024 (4 steps an epoch) lost 6.6 points to 256 on the CIFAR subset (3 seeds,
+            # section 19). 50,000 images keep 1024.
+            steps, smallest = (8, 32) if num_train < 2048 else (16, 256)
+            batch = min(batch, max(smallest, 2 ** round(math.log2(max(num_train, 1) / steps))))
         changes["batch_size"] = batch
     batch = changes.get("batch_size", cfg.batch_size)
     if cfg.lr is None:
