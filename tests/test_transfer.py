@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 import cnnkit
 from cnnkit.cli import main
@@ -194,6 +195,27 @@ def test_weights_of_the_library_bring_its_normalization_and_a_probe_or_a_frozen_
     assert not cfg.linear_probe and cfg.freeze_epochs == 0 and cfg.epochs == 10
     assert cfg.image_size == 32  # the run's own input size and normalization
     assert cnnkit.make_config(model="timm:resnet18").freeze_epochs is None  # filled later
+
+
+@pytest.mark.parametrize("settings, size", [({}, 352), ({"linear_probe": True}, 352),
+                                             ({"image_size": 64}, 64), ({"epochs": 1}, 224)],
+                         ids=["default-probe", "probe", "size-given", "fine-tune"])
+def test_a_probe_reads_images_larger_than_its_weights_size(tmp_path, settings, size):
+    """A probe of weights trained at 224 px reads 352-px images (FixRes), whether it was
+    asked for or chosen because the data is small; fine-tuning keeps the weights' own size
+    and --image-size always wins."""
+    import timm
+    path = tmp_path / "w.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), path)
+    data = tmp_path / "photos"
+    for i in range(8):  # 4 photos a class, of another size than either
+        (data / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (300, 200), (40 * i, 90, 200 - 20 * i)).save(data / f"c{i % 2}/{i}.png")
+    cfg, ds = prepare(cnnkit.make_config(data=str(data), model="timm:resnet18",
+                                         weights=str(path), val_fraction=0.5, **settings),
+                      select_runtime("cpu"))[:2]
+    assert cfg.image_size == size and ds.image_size == (size, size)
+    assert cfg.linear_probe == ("epochs" not in settings)
 
 
 def test_linear_probe_equals_an_independent_logistic_regression(png_sample, tmp_path):

@@ -72,6 +72,20 @@ AUGMENT = {
 # benchmarks/RESULTS.md section 18). Larger data sets keep the fine-tuning schedule.
 PROBE_BELOW = 1000
 
+# A probe reads images at about 1.6× the size its weights were trained at, unless
+# --image-size is given. A network trained on RandomResizedCrop sees objects larger in
+# training than in a whole image of the same size (Touvron et al. 2019, "FixRes"; timm's
+# `test_input_size`); its frozen features fit best from larger inputs. On hymenoptera
+# (EfficientNet-Lite0, 3-fold CV on train/ only) the probe's CV accuracy rose from 224 px to
+# a peak at 352-384 px (benchmarks/RESULTS.md section 18).
+PROBE_SCALE = 1.6
+
+
+def probe_image_size(weights_size: int) -> int:
+    """The image size a linear probe of weights trained at `weights_size` px reads, a
+    multiple of 32 (352 for 224)."""
+    return 32 * max(1, round(PROBE_SCALE * weights_size / 32))
+
 
 def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str,
                          image_size: tuple[int, int] = (32, 32),

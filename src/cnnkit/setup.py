@@ -23,7 +23,7 @@ from .engine import TrainStep, balanced_weights, batch_order, to_device, train_o
 from .errors import SettingsError
 from .models import create_model, model_entry
 from .optim import build_ema, build_optimizer, build_scheduler
-from .recipes import fill_recipe_defaults
+from .recipes import fill_recipe_defaults, probe_image_size
 from .runs import check_new_run_dir
 from .transforms import Augment, channel_stats, to_input
 
@@ -108,8 +108,9 @@ def input_settings(cfg: Config) -> tuple[Config, tuple | None]:
     if not pretrained_form(cfg):
         return cfg, None
     info = model_entry(cfg.model).pretrained_info()
-    return (dataclasses.replace(cfg, image_size=cfg.image_size or info["image_size"]),
-            (info["mean"], info["std"]))
+    size = cfg.image_size or (probe_image_size(info["image_size"]) if cfg.linear_probe
+                              else info["image_size"])
+    return dataclasses.replace(cfg, image_size=size), (info["mean"], info["std"])
 
 
 def load_data(cfg: Config) -> Dataset:
@@ -124,6 +125,7 @@ def prepare(cfg: Config, runtime: Runtime, dataset: Dataset | None = None):
     """The data and the freshly initialised model a run with these settings trains:
     (config with the recipe's open settings filled, dataset, model, model args, mean, std).
     A `dataset` already loaded (e.g. one fold of `cnnkit doctor`) replaces cfg.data's."""
+    given = cfg
     cfg, norm = input_settings(cfg)
     ds = dataset or load_data(cfg)
     if ds.multi_label:
@@ -132,6 +134,13 @@ def prepare(cfg: Config, runtime: Runtime, dataset: Dataset | None = None):
     cfg = dataclasses.replace(cfg, multi_label=ds.multi_label)
     cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type, ds.image_size,
                                pretrained=pretrained_form(cfg))
+    if cfg.linear_probe and given.linear_probe is None and dataset is None:
+        # A probe chosen by default (the data turned out small) reads larger images than
+        # fine-tuning would: decode the (fewer than PROBE_BELOW) images again at its size.
+        size = input_settings(dataclasses.replace(given, linear_probe=True))[0].image_size
+        if size != cfg.image_size:
+            cfg = dataclasses.replace(cfg, image_size=size)
+            ds = load_data(cfg)
     torch.manual_seed(cfg.seed)
     model_args = {"widths": list(parse_widths(cfg.width))} if cfg.width else {}
     model = create_model(cfg.model, num_classes=len(ds.classes), in_channels=ds.in_channels,
