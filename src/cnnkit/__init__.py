@@ -1,6 +1,6 @@
 """cnnkit: train, inspect and use CNN image classifiers with PyTorch.
 
-`import cnnkit` stays light: matplotlib, captum, onnx, onnxruntime and fastapi are imported
+`import cnnkit` stays light: matplotlib, captum, onnx, onnxruntime, fastapi and optuna are imported
 by the first call that needs them."""
 from .version import __version__  # noqa: E402,F401
 
@@ -17,7 +17,8 @@ from .predict import predict  # noqa: E402
 from .lrfind import lr_find  # noqa: E402
 from .train import train  # noqa: E402
 from .doctor import doctor  # noqa: E402
+from .tune import tune  # noqa: E402
 
 __all__ = ["Config", "RECIPES", "CnnkitError", "Dataset", "LoadedModel", "RunInfo", "Split",
            "create_model", "doctor", "evaluate", "list_models", "load", "load_dataset", "make_config",
-           "export", "lr_find", "predict", "register_model", "show_batch", "train"]
+           "export", "lr_find", "predict", "register_model", "show_batch", "train", "tune"]

@@ -90,6 +90,13 @@ EXAMPLES = {
   cnnkit doctor photos/ --time-budget 30 --folds 5  30 seconds of training per fold
   cnnkit doctor labels.csv --fix                    also write clean.csv without the flagged
   cnnkit train --data runs/doctor-labels/clean.csv  train on it""",
+    "tune": """\
+  cnnkit tune --data photos/ --trials 20            the default space of the default recipe
+  cnnkit tune --data cifar10 --trials 12 --time-budget 20   20 s of training a trial
+  cnnkit tune --data photos/ --model timm:tf_efficientnet_lite0 --weights W.pth
+  cnnkit tune --data photos/ --space space.yaml     lr: {low: 0.1, high: 0.5, log: true}
+  cnnkit tune --data photos/ --storage sqlite:///shared.db --study s1   one study, many workers
+  cnnkit train --data photos/ --config tune/best.yaml                   the best settings""",
     "serve": """\
   cnnkit serve runs/cifar10-fastnet                 http://127.0.0.1:8000
   cnnkit serve model-int8.onnx --port 8080
@@ -192,6 +199,34 @@ def build_parser() -> argparse.ArgumentParser:
                     "listing of the images not flagged, for cnnkit train --data clean.csv")
     _config_flags(dr, skip=("data", "multi_label"))
     dr.set_defaults(func=cmd_doctor)
+
+    tu = _verb(sub, "tune", "search training settings with Optuna; each trial a run folder",
+               "Search training settings with Optuna (TPE sampling, median pruning): each "
+               "trial trains on the training split less a held-out fifth and is scored on "
+               "that fifth, so the data's validation and test splits stay for the final run. "
+               "The study lives in DIR/study.db (run the same command to resume) or in "
+               "--storage, shared by any number of workers. Writes DIR/trials/trial-N/, "
+               "trials.csv, best.yaml (for train --config) and Optuna's pictures. Training "
+               "flags apply to every trial.")
+    tu.add_argument("--trials", type=int, default=20, metavar="N",
+                    help="trials in the study, counting those done before (default 20)")
+    tu.add_argument("--space", metavar="FILE", help="the search space as YAML: 'NAME: {low: "
+                    "X, high: Y, log: true}' or 'NAME: [A, B]' per setting (default: one "
+                    "that fits the model family and recipe)")
+    tu.add_argument("--study", default="cnnkit", metavar="NAME",
+                    help="the study's name in the storage (default cnnkit)")
+    tu.add_argument("--storage", metavar="URL", help="an Optuna storage URL shared by "
+                    "workers, e.g. sqlite:///tune.db or postgresql://host/db (default: "
+                    "DIR/study.db)")
+    tu.add_argument("--pruner", default="median", choices=["median", "none"],
+                    help="stop trials whose accuracy at an epoch is below the median of "
+                    "earlier trials' at that epoch (default median)")
+    tu.add_argument("--prune-after", type=int, default=4, metavar="N",
+                    help="trials that run in full before pruning starts (default 4)")
+    _config_flags(tu, skip=("out",))
+    tu.add_argument("--out", default="tune", metavar="DIR",
+                    help="the tune folder (default ./tune); the same folder resumes")
+    tu.set_defaults(func=cmd_tune)
 
     sb = sub.add_parser("show-batch", help="save a grid of training images with class names")
     sb.add_argument("--data", default="cifar10")
@@ -374,6 +409,14 @@ def cmd_doctor(args) -> int:
     settings = {k: v for k, v in _overrides(args).items() if v is not None and k not in ("data", "out")}
     doctor(args.data, folds=args.folds, out=args.out, fix=args.fix,
            similarity=args.similarity or DEFAULT_SIMILARITY, **settings)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .tune import tune
+    settings = {k: v for k, v in _overrides(args).items() if v is not None and k != "out"}
+    tune(args.trials, out=args.out, space=args.space, study=args.study, storage=args.storage,
+         pruner=args.pruner, prune_after=args.prune_after, **settings)
     return 0
 
 

@@ -192,10 +192,8 @@ def load_dataset(source: str, *, data_dir: str | None = None, image_size: int | 
     train, test = adapt(train), (adapt(test) if test is not None else None)
     if test is not None and val_fraction is None:
         return Dataset(name, src, classes, train, test, "test")
-    train_idx, val_idx = stratified_split(train.labels, val_fraction or DEFAULT_VAL_FRACTION,
-                                          seed)
-    return Dataset(name, src, classes, train.subset(train_idx), train.subset(val_idx), "val",
-                   test=test, held_out=True)
+    return hold_out(Dataset(name, src, classes, train, train, "train", test=test),
+                    val_fraction or DEFAULT_VAL_FRACTION, seed)
 
 
 def same_source(a: str, b: str) -> bool:
@@ -268,6 +266,19 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
         raise CnnkitError(f"cannot hold out {fraction:g} of {len(y)} images for "
                           f"validation: {e}") from None
     return np.sort(train_idx), np.sort(val_idx)
+
+
+def hold_out(ds: Dataset, fraction: float, seed: int) -> Dataset:
+    """`ds` with its training split cut in two, stratified: the rest trains, `fraction`
+    validates (--val-fraction; and cnnkit tune, which chooses settings on images that the
+    final run's evaluation never sees). Its validation split is dropped, its test split
+    kept."""
+    train_idx, val_idx = stratified_split(ds.train.labels, fraction, seed)
+    val = ds.train.subset(val_idx)
+    if isinstance(val, StreamSplit):  # held-out images are held in memory: drawn on
+        val = Split(val.head(len(val)), val.labels, val.files)
+    return Dataset(ds.name, ds.source, ds.classes, ds.train.subset(train_idx), val, "val",
+                   ds.notes, test=ds.test, held_out=True)
 
 
 def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
@@ -514,13 +525,8 @@ def _file_dataset(path: Path, size: int, strict: bool, val_fraction, seed, strea
         val_name = "val" if "val" in held else "test"
         return Dataset(path.stem, src, classes, train, held[val_name], val_name, notes,
                        test=held.get("test") if val_name == "val" else None)
-    train_idx, val_idx = stratified_split(train.labels, val_fraction or DEFAULT_VAL_FRACTION,
-                                          seed)
-    val = train.subset(val_idx)
-    if isinstance(val, StreamSplit):
-        val = Split(val.head(len(val)), val.labels, val.files)
-    return Dataset(path.stem, src, classes, train.subset(train_idx), val, "val", notes,
-                   test=held.get("test"), held_out=True)
+    return hold_out(Dataset(path.stem, src, classes, train, train, "train", notes,
+                            test=held.get("test")), val_fraction or DEFAULT_VAL_FRACTION, seed)
 
 
 # --- local CIFAR copies ---------------------------------------------------------------

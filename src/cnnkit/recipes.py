@@ -81,10 +81,10 @@ PROBE_BELOW = 1000
 PROBE_SCALE = 1.6
 
 
-def probe_image_size(weights_size: int) -> int:
+def probe_image_size(weights_size: int, scale: float = PROBE_SCALE) -> int:
     """The image size a linear probe of weights trained at `weights_size` px reads, a
     multiple of 32 (352 for 224)."""
-    return 32 * max(1, round(PROBE_SCALE * weights_size / 32))
+    return 32 * max(1, round(scale * weights_size / 32))
 
 
 def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str,

@@ -45,7 +45,7 @@ class TrainResult:
 def train(config: Config | None = None, *, resume: str | Path | None = None,
           nproc: int | None = None, log: Callable[[str], None] = print,
           progress: bool | None = None, dataset: Dataset | None = None,
-          **overrides) -> TrainResult:
+          on_epoch: Callable[[dict], None] | None = None, **overrides) -> TrainResult:
     """Train a model. Pass a Config, or a recipe name and settings:
     `cnnkit.train(data="digits", epochs=3)`; see `cnnkit.Config` for every setting.
     `resume=RUN` continues an interrupted run from its last completed epoch.
@@ -53,7 +53,9 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     CPU cores) and returns rank 0's result; rank 0 prints with print(), as `log` cannot
     cross into other processes. Under torchrun, each process calls train() and takes its
     place in the job. `dataset` trains on data already loaded (one process only) instead
-    of loading cfg.data, which still names the run and its source."""
+    of loading cfg.data, which still names the run and its source. `on_epoch(row)` is
+    called with each epoch's metrics once the epoch is saved; an exception it raises ends
+    the run there (cnnkit tune's pruning), its saved epochs kept."""
     dist = distributed.from_env()
     if resume is None and distributed.restart_count() > 0:
         # torchrun's elastic agent restarted this job's workers (a rank died, a machine
@@ -65,8 +67,9 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
                                        "dist_timeout": wanted.dist_timeout}
         if note and dist.main:
             log(note)
-    if dataset is not None and (dist.enabled or (nproc or 1) > 1):
-        raise SettingsError("train(dataset=...) trains in this process only; drop nproc")
+    if (dataset is not None or on_epoch is not None) and (dist.enabled or (nproc or 1) > 1):
+        raise SettingsError("train(dataset=..., on_epoch=...) trains in this process only; "
+                            "drop nproc")
     if nproc is not None and not dist.enabled:
         if nproc < 1:
             raise SettingsError(f"--nproc must be at least 1, got {nproc}")
@@ -85,7 +88,7 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     progress = interactive() if progress is None else progress
     with distributed.process_group(dist, runtime.device, cfg.dist_timeout):
         return _train(cfg, ckpt, resume, dist, runtime, log if dist.main else _silent,
-                      progress and dist.main, dataset)
+                      progress and dist.main, dataset, on_epoch)
 
 
 def resume_after_restart(cfg: Config, dist: distributed.Dist) -> tuple[Path | None, str]:
@@ -110,7 +113,7 @@ def _silent(message: str) -> None:
 
 
 def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, log,
-           progress: bool, dataset: Dataset | None = None) -> TrainResult:
+           progress: bool, dataset: Dataset | None = None, on_epoch=None) -> TrainResult:
     run = build_run(cfg, ckpt, dist, runtime, dataset)
     cfg, ds, model, step = run.cfg, run.ds, run.model, run.step
     result = TrainResult(Path(resume) if resume else None, cfg)
@@ -144,7 +147,7 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
             f"{where}; run folder {run_dir}" + (f"; resuming after epoch {first_epoch - 1}"
                                                  if ckpt is not None else ""))
         final = result.final = _loop(run, result, first_epoch, steps_done, run_dir, log,
-                                     progress, board)
+                                     progress, board, on_epoch)
         if run.cfg.epochs != cfg.epochs:  # a time budget re-planned the run
             result.config = run.cfg
             if dist.main:
@@ -166,7 +169,7 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
 
 
 def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_dir: Path,
-          log, progress: bool, board) -> EvalResult | None:
+          log, progress: bool, board, on_epoch=None) -> EvalResult | None:
     """Per epoch: train, evaluate, save, log. Returns the final evaluation."""
     cfg, model, step, dist, runtime = run.cfg, run.model, run.step, run.dist, run.runtime
     wrap = wrapper(cfg, dist, runtime)
@@ -235,6 +238,8 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
                 log(table.header())
             log(table.row(result.metrics, improved,
                           f"(tta {cfg.tta})" if cfg.tta and last else ""))
+            if on_epoch is not None:
+                on_epoch(row)
             if cfg.patience and _epochs_since_best(result.metrics, key) >= cfg.patience and \
                     not last:
                 log(f"stopping early: {run.ds.val_name} {'mAP' if multi else 'accuracy'} has "
