@@ -38,7 +38,8 @@ class Config:
     data_dir: str | None = _f(None, "download cache (default $CNNKIT_DATA or ~/.cache/cnnkit)",
                               group="data", metavar="DIR")
     image_size: int | None = _f(None, "resize images to SIZE×SIZE (default: the data set's "
-                                "own size; 32 for image folders)", group="data")
+                                "own size, 32 for image folders; pretrained weights' own "
+                                "size, 1.6× it for a linear probe of them)", group="data")
     val_fraction: float | None = _f(None, "hold out this fraction of train for validation "
                                     "(default: the test split if there is one, else 0.2)",
                                     group="data")

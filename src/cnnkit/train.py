@@ -54,8 +54,9 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     cross into other processes. Under torchrun, each process calls train() and takes its
     place in the job. `dataset` trains on data already loaded (one process only) instead
     of loading cfg.data, which still names the run and its source. `on_epoch(row)` is
-    called with each epoch's metrics once the epoch is saved; an exception it raises ends
-    the run there (cnnkit tune's pruning), its saved epochs kept."""
+    called with each epoch's metrics and `epochs`, the run's planned epochs (a time budget
+    re-plans them), once the epoch is saved; an exception it raises ends the run there
+    (cnnkit tune's pruning), its saved epochs kept."""
     dist = distributed.from_env()
     if resume is None and distributed.restart_count() > 0:
         # torchrun's elastic agent restarted this job's workers (a rank died, a machine
@@ -239,7 +240,7 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
             log(table.row(result.metrics, improved,
                           f"(tta {cfg.tta})" if cfg.tta and last else ""))
             if on_epoch is not None:
-                on_epoch(row)
+                on_epoch(dict(row, epochs=run.cfg.epochs))
             if cfg.patience and _epochs_since_best(result.metrics, key) >= cfg.patience and \
                     not last:
                 log(f"stopping early: {run.ds.val_name} {'mAP' if multi else 'accuracy'} has "

@@ -105,6 +105,10 @@ def tune(trials: int = 20, *, out: str | Path = "tune", space: str | Path | dict
     the_study = _open_study(optuna, study, _storage(optuna, url), url, storage is None,
                             base.seed, pruner, prune_after,
                             {"settings": settings, "space": chosen})
+    if not the_study.get_trials(deepcopy=False):
+        # The first trial is the run these settings make by default: the study's best is
+        # then never worse than it on the held-out images.
+        the_study.enqueue_trial(_defaults_in(chosen, resolved), user_attrs={"default": True})
     finished = _finished(the_study)
     summary = ", ".join(_describe(name, spec) for name, spec in chosen.items())
     log(f"tune: study {study!r} in {url}: {len(finished)} of {trials} trials done; "
@@ -120,10 +124,18 @@ def tune(trials: int = 20, *, out: str | Path = "tune", space: str | Path | dict
         start = time.perf_counter()
 
         def report(row: dict) -> None:
-            trial.report(row[key], row["epoch"])
+            # Trials are compared at the same share of their schedules, not the same epoch:
+            # at a time budget a narrower net runs more epochs, and each schedule decays its
+            # lr to its own end. Each 10% of the schedule passed gets the accuracy so far.
+            done = 100 * (row["epoch"] + 1) // row["epochs"]
+            for mark in range(10, done + 1, 10):
+                if mark not in trial_marks:
+                    trial.report(row[key], mark)
+                    trial_marks.add(mark)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {row['epoch'] + 1}: "
-                                         f"{row[key]:.4f}")
+                raise optuna.TrialPruned(f"pruned after epoch {row['epoch'] + 1} of "
+                                         f"{row['epochs']}: {row[key]:.4f}")
+        trial_marks: set[int] = set()
         outcome = {"trial": trial.number, "study": study, "params": params}
         try:
             result = train(cfg, dataset=scored_on(size), log=_quiet, progress=False,
@@ -284,17 +296,28 @@ def suggest(trial, space: dict) -> dict:
 def _storage(optuna, url: str):
     """Optuna's database storage at `url`, with a heartbeat: a trial whose worker died
     (SIGKILL, a lost machine) is marked failed after 3 minutes instead of running forever."""
+    from sqlalchemy.exc import IntegrityError, OperationalError  # (Optuna's own dependency)
     kw = {}
     if url.startswith("sqlite"):  # workers wait for each other's writes instead of failing
         kw["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # heartbeat is experimental in Optuna's terms
-            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180,
-                                              **kw)
-    except Exception as e:  # noqa: BLE001 (SQLAlchemy's and Optuna's errors, many kinds)
-        raise SettingsError(f"--storage {url}: Optuna cannot open it ({first_line(e)}); "
-                            "give a database URL such as sqlite:///tune.db") from None
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # heartbeat is experimental in Optuna's terms
+                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180,
+                                                  **kw)
+        except (IntegrityError, OperationalError) as e:
+            # Workers started together on a new database race to create its tables: the
+            # loser finds them made a moment later. (A server that stays away fails below.)
+            if attempt == 5:
+                error = e
+            else:
+                time.sleep(0.5 * (attempt + 1))
+        except Exception as e:  # noqa: BLE001 (SQLAlchemy's and Optuna's errors, many kinds)
+            error = e
+            break
+    raise SettingsError(f"--storage {url}: Optuna cannot open it ({first_line(error)}); "
+                        "give a database URL such as sqlite:///tune.db")
 
 
 def _open_study(optuna, name: str, storage, url: str, local: bool, seed: int, pruner: str,
@@ -302,7 +325,9 @@ def _open_study(optuna, name: str, storage, url: str, local: bool, seed: int, pr
     """The study, created or reopened. A study reopened with other settings or another
     space is refused: its trials would answer another question."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # cnnkit prints a line per trial
-    prune = optuna.pruners.MedianPruner(n_startup_trials=prune_after, n_warmup_steps=1) \
+    # (a trial reports at each 10% of its schedule, and none is stopped before 30%: early
+    # accuracy at a high lr says little)
+    prune = optuna.pruners.MedianPruner(n_startup_trials=prune_after, n_warmup_steps=25) \
         if pruner == "median" else optuna.pruners.NopPruner()
     study = optuna.create_study(study_name=name, storage=storage, pruner=prune,
                                 direction="maximize", load_if_exists=True)
@@ -320,6 +345,18 @@ def _open_study(optuna, name: str, storage, url: str, local: bool, seed: int, pr
                             "another space; use another --out or --study (or the same "
                             "settings to go on with it)")
     return study
+
+
+def _defaults_in(space: dict, cfg: Config) -> dict:
+    """The resolved run's own values of the space's settings, where the space holds them."""
+    values = {}
+    for name, spec in space.items():
+        value = getattr(cfg, name)
+        inside = value in spec["choices"] if "choices" in spec else \
+            value is not None and spec["low"] <= value <= spec["high"]
+        if inside:
+            values[name] = value
+    return values
 
 
 def _finished(study) -> list:
@@ -411,14 +448,14 @@ def _trial_line(trial, key: str) -> str:
     settings = ", ".join(f"{n}={_short(v)}" for n, v in trial.params.items())
     state = trial.state.name.lower()
     if state == "pruned":  # (Optuna gives a pruned trial its last reported value)
-        last = max(trial.intermediate_values, default=None)
-        what = "pruned" + (f" after epoch {last + 1}: {key} {trial.intermediate_values[last]:.4f}"
-                           if last is not None else "")
+        what = f"pruned at {max(trial.intermediate_values, default=0)}% of its schedule" + \
+            (f": {key} {trial.value:.4f}" if trial.value is not None else "")
     elif trial.value is not None:
         what = f"{key} {trial.value:.4f}"
     else:
         what = f"{state}: {trial.user_attrs.get('error', 'see its run folder')}"
-    return f"trial {trial.number}: {what} ({settings})"
+    default = " (the defaults)" if trial.user_attrs.get("default") else ""
+    return f"trial {trial.number}{default}: {what} ({settings})"
 
 
 def _note(run_dir: Path, record: dict) -> None:
