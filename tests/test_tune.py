@@ -30,6 +30,13 @@ def env() -> dict:
     return {**os.environ, "CNNKIT_PROGRESS": "0"}
 
 
+def _as_at_a_terminal():
+    # A process started where SIGINT is ignored (pytest-xdist's workers, some CI runners)
+    # inherits that, and Python then never turns Ctrl-C into KeyboardInterrupt; the user at
+    # a terminal this test stands for has it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_a_tiny_study_prunes_and_writes_run_folders_and_the_best_settings(tmp_path):
     lines = []
     # Trial 0 is the defaults (SGD's lr 0.2 at this batch); the sampler is seeded. A trial at
@@ -66,7 +73,7 @@ def test_an_interrupted_tune_goes_on_with_the_same_command(tmp_path):
     command = cli("--trials", "3", "--space", str(tmp_path / "space.yaml"), "--pruner", "none",
                   "--out", str(tmp_path / "t"))
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=env())
+                             env=env(), preexec_fn=_as_at_a_terminal)
     trial_1 = tmp_path / "t" / "trials" / "trial-1"
     # Ctrl-C during trial 1: its run folder is made when its training starts. (The 600 s
     # only ends a hung test; nothing here depends on how fast the machine is.)
