@@ -45,17 +45,21 @@ def test_a_tiny_study_prunes_and_writes_run_folders_and_the_best_settings(tmp_pa
     result = cnnkit.tune(3, out=tmp_path / "t", space={"lr": [1e-6, 0.2]}, prune_after=1,
                          data="digits", optimizer="sgd", epochs=3, width="8,16,16", seed=0,
                          plots=False, log=lines.append, progress=False)
-    lrs = {r["trial"]: r["lr"] for r in result.trials}
-    states = {r["trial"]: r["state"] for r in result.trials}
-    assert lrs[0] == 0.2 and 1e-6 in lrs.values()
-    assert states == {n: "pruned" if lr == 1e-6 else "complete" for n, lr in lrs.items()}
-    for number, state in states.items():
+    lrs = [r["lr"] for r in result.trials]
+    states = [r["state"] for r in result.trials]
+    assert lrs == [0.2, 0.2, 1e-6] and states == ["complete", "complete", "pruned"]
+    for number in (0, 2):
         run = tmp_path / "t" / "trials" / f"trial-{number}"
         note = json.loads((run / "tune.json").read_text())
-        assert note["state"] == state and note["trial"] == number
+        assert note["state"] == states[number] and note["trial"] == number
         epochs = len((run / "metrics.csv").read_text().strip().splitlines()) - 1
-        assert epochs == (1 if state == "pruned" else 3)  # pruned after its first epoch
+        assert epochs == (1 if number == 2 else 3)  # pruned after its first epoch
+    # trial 1 drew trial 0's settings again: answered from it, not run a second time
+    assert not (tmp_path / "t" / "trials" / "trial-1").exists()
+    assert result.trials[1]["val_acc"] == result.trials[0]["val_acc"]
+    assert result.trials[1]["run"] == result.trials[0]["run"]
     assert lines[1].startswith("trial 0 (the defaults): val_acc")
+    assert lines[2].startswith("trial 1: the settings of trial 0: val_acc")
     assert result.best_params == {"lr": 0.2} and result.best_run.name == "trial-0"
     # each trial is scored on a fifth of the training split, never on digits' test split
     train = len(cnnkit.load_dataset("digits").train)

@@ -117,6 +117,10 @@ def tune(trials: int = 20, *, out: str | Path = "tune", space: str | Path | dict
 
     def objective(trial) -> float:
         params = suggest(trial, chosen)
+        same = _same_settings(trial, params)
+        if same is not None:  # (a choice space drawn again) its answer, not a second run
+            trial.set_user_attr("repeat_of", same.number)
+            return same.value
         run_dir = folder / "trials" / f"trial-{trial.number}"
         size = params.get("image_size", resolved.image_size)
         cfg = make_config(**{**settings, **params, "image_size": size, "out": str(run_dir),
@@ -347,6 +351,18 @@ def _open_study(optuna, name: str, storage, url: str, local: bool, seed: int, pr
     return study
 
 
+def _same_settings(trial, params: dict):
+    """A complete trial of the study with these very settings, if any: the sampler may draw
+    a point again (it will, from a space of a few choices), and a second run of it would
+    spend its seconds to tell little or, for a deterministic one like a probe, nothing."""
+    import optuna
+    for earlier in trial.study.get_trials(deepcopy=False,
+                                          states=(optuna.trial.TrialState.COMPLETE,)):
+        if earlier.params == params and "repeat_of" not in earlier.user_attrs:
+            return earlier
+    return None
+
+
 def _defaults_in(space: dict, cfg: Config) -> dict:
     """The resolved run's own values of the space's settings, where the space holds them."""
     values = {}
@@ -400,7 +416,7 @@ def _finish(study, folder: Path, settings: dict, space: dict, key: str, size: in
         seconds = f"{r['seconds']:.1f}" if isinstance(r.get("seconds"), float) else "-"
         log(f"{r['trial']:>6} {r['state']:>9} {value:>8} {seconds:>8}  " +
             ", ".join(f"{n}={_short(r[n])}" for n in names if n in r))
-    best_run = folder / "trials" / f"trial-{best.number}"
+    best_run = folder / "trials" / f"trial-{best.user_attrs.get('repeat_of', best.number)}"
     log(f"best: trial {best.number}, {key} {best.value:.4f}, run {best_run}; settings in "
         f"{folder / 'best.yaml'} (cnnkit train --config {folder / 'best.yaml'}); "
         f"{len(rows)} trials in {folder / 'trials.csv'}" +
@@ -439,9 +455,10 @@ def _row(trial, key: str, folder: Path) -> dict:
         if trial.datetime_complete and trial.datetime_start else None
     value = trial.value if trial.value is not None else (
         max(trial.intermediate_values.values()) if trial.intermediate_values else None)
+    run = trial.user_attrs.get("repeat_of", trial.number)
     return {"trial": trial.number, "state": trial.state.name.lower(), key: value,
             "seconds": seconds, **trial.params,
-            "run": str(folder / "trials" / f"trial-{trial.number}")}
+            "run": str(folder / "trials" / f"trial-{run}")}
 
 
 def _trial_line(trial, key: str) -> str:
@@ -450,6 +467,8 @@ def _trial_line(trial, key: str) -> str:
     if state == "pruned":  # (Optuna gives a pruned trial its last reported value)
         what = f"pruned at {max(trial.intermediate_values, default=0)}% of its schedule" + \
             (f": {key} {trial.value:.4f}" if trial.value is not None else "")
+    elif "repeat_of" in trial.user_attrs:
+        what = f"the settings of trial {trial.user_attrs['repeat_of']}: {key} {trial.value:.4f}"
     elif trial.value is not None:
         what = f"{key} {trial.value:.4f}"
     else:
