@@ -219,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "workers, e.g. sqlite:///tune.db or postgresql://host/db (default: "
                     "DIR/study.db)")
     tu.add_argument("--pruner", default="median", choices=["median", "none"],
-                    help="stop trials whose accuracy at an epoch is below the median of "
-                    "earlier trials' at that epoch (default median)")
+                    help="stop trials whose accuracy is below the median of earlier trials' "
+                    "at the same share of their schedules, from 30%% on (default median)")
     tu.add_argument("--prune-after", type=int, default=4, metavar="N",
                     help="trials that run in full before pruning starts (default 4)")
     _config_flags(tu, skip=("out",))

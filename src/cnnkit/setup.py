@@ -134,13 +134,14 @@ def prepare(cfg: Config, runtime: Runtime, dataset: Dataset | None = None):
     cfg = dataclasses.replace(cfg, multi_label=ds.multi_label)
     cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type, ds.image_size,
                                pretrained=pretrained_form(cfg))
-    if cfg.linear_probe and given.linear_probe is None and dataset is None:
-        # A probe chosen by default (the data turned out small) reads larger images than
-        # fine-tuning would: decode the (fewer than PROBE_BELOW) images again at its size.
-        size = input_settings(dataclasses.replace(given, linear_probe=True))[0].image_size
-        if size != cfg.image_size:
-            cfg = dataclasses.replace(cfg, image_size=size)
-            ds = load_data(cfg)
+    if cfg.linear_probe and given.linear_probe is None and given.image_size is None and \
+            dataset is None:
+        # A probe chosen by default (the data turned out small: only pretrained weights get
+        # one) reads larger images than fine-tuning would: decode the (fewer than
+        # PROBE_BELOW) images again at its size.
+        weights_size = model_entry(cfg.model).pretrained_info()["image_size"]
+        cfg = dataclasses.replace(cfg, image_size=probe_image_size(weights_size))
+        ds = load_data(cfg)
     torch.manual_seed(cfg.seed)
     model_args = {"widths": list(parse_widths(cfg.width))} if cfg.width else {}
     model = create_model(cfg.model, num_classes=len(ds.classes), in_channels=ds.in_channels,

@@ -3,8 +3,8 @@
 Each trial trains on the data's training split less a held-out fifth (stratified, the same
 fifth for every trial) and is scored on that fifth: the data's own validation or test split
 never chooses, so `cnnkit train --config DIR/best.yaml` afterwards reports on images the
-search did not see. Optuna samples (TPE), prunes (an epoch's accuracy below the median of
-the earlier trials' at that epoch stops the trial) and stores the study: a SQLite file in
+search did not see. Optuna samples (TPE), prunes (accuracy below the median of the earlier
+trials' at the same share of their schedules stops a trial) and stores the study: a SQLite file in
 the tune folder by default, so an interrupted tune resumes with the same command; any
 Optuna storage URL (--storage) lets several processes or machines share one study.
 
@@ -79,8 +79,8 @@ def tune(trials: int = 20, *, out: str | Path = "tune", space: str | Path | dict
         check_space(given, settings, space)
     folder = Path(out)
     url = storage or f"sqlite:///{(folder / 'study.db').resolve()}"
-    if storage is not None:
-        _storage(optuna, url)  # a URL Optuna cannot open is told before any data loads
+    # a URL Optuna cannot open is told before any data loads
+    store = _storage(optuna, url) if storage is not None else None
     runtime = select_runtime(base.device, amp=base.amp)
     # The run these settings would make, resolved on the data: its image size, probe or
     # schedule, lr and widths are what the default space is drawn around.
@@ -102,7 +102,7 @@ def tune(trials: int = 20, *, out: str | Path = "tune", space: str | Path | dict
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CnnkitError(f"cannot create the tune folder {folder}: {e.strerror}") from None
-    the_study = _open_study(optuna, study, _storage(optuna, url), url, storage is None,
+    the_study = _open_study(optuna, study, store or _storage(optuna, url), url, storage is None,
                             base.seed, pruner, prune_after,
                             {"settings": settings, "space": chosen})
     if not the_study.get_trials(deepcopy=False):
@@ -126,6 +126,7 @@ def tune(trials: int = 20, *, out: str | Path = "tune", space: str | Path | dict
         cfg = make_config(**{**settings, **params, "image_size": size, "out": str(run_dir),
                              "plots": False})
         start = time.perf_counter()
+        marks: set[int] = set()
 
         def report(row: dict) -> None:
             # Trials are compared at the same share of their schedules, not the same epoch:
@@ -133,13 +134,12 @@ def tune(trials: int = 20, *, out: str | Path = "tune", space: str | Path | dict
             # lr to its own end. Each 10% of the schedule passed gets the accuracy so far.
             done = 100 * (row["epoch"] + 1) // row["epochs"]
             for mark in range(10, done + 1, 10):
-                if mark not in trial_marks:
+                if mark not in marks:
                     trial.report(row[key], mark)
-                    trial_marks.add(mark)
+                    marks.add(mark)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {row['epoch'] + 1} of "
                                          f"{row['epochs']}: {row[key]:.4f}")
-        trial_marks: set[int] = set()
         outcome = {"trial": trial.number, "study": study, "params": params}
         try:
             result = train(cfg, dataset=scored_on(size), log=_quiet, progress=False,
@@ -187,11 +187,10 @@ def default_space(cfg: Config, image_size: int, weights_size: int | None,
                   budget: bool) -> dict:
     """The search space around a resolved run `cfg` on images of `image_size` px, from
     weights trained at `weights_size` (None: not a model family's pretrained weights): for a
-    linear probe, its image size;
-    for fine-tuning, lr (÷5 to ×5), with pretrained weights also the backbone's lr
-    multiplier, frozen epochs and image size; for the fast recipes, lr and Muon's other lr
-    (÷2 to ×2), label smoothing, epochs (or, with a time budget, the widths), and the
-    augmentation preset's strengths."""
+    linear probe, its image size; for fine-tuning, lr (÷5 to ×5), with pretrained weights
+    also the backbone's lr multiplier, frozen epochs and image size; for the fast recipes,
+    lr and Muon's other lr (÷2 to ×2), label smoothing, epochs (or, with a time budget, the
+    widths), and the augmentation preset's strengths."""
     if cfg.linear_probe:
         return {"image_size": {"choices": sorted({probe_image_size(weights_size, scale)
                                                   for scale in (1.0, 1.3, 1.6, 2.0)})}}
