@@ -1,17 +1,36 @@
-"""The real server on a free localhost port: answers, limits, and the web page in Chromium."""
+"""The real server on a free localhost port: answers, limits, the web page in Chromium, and
+what it needs on a network: a token, HTTPS, metrics, an access log, a bounded queue and a
+deadline for slow clients."""
+import asyncio
+import datetime
+import ipaddress
+import json
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from prometheus_client.parser import text_string_to_metric_families
 
 import cnnkit
+import cnnkit.serve
+from cnnkit.cli import main
+
+TOKEN = "a-token-for-the-tests"
+TIMEOUT = 2  # the module server's --request-timeout and --keep-alive-timeout, in seconds
 
 
 def _free_port():
@@ -22,22 +41,59 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def server(png_run):
-    proc, url = _start(png_run.run_dir, "--max-upload-mb", "1")
+    proc, url = _start(png_run.run_dir, "--max-upload-mb", "1", "--request-timeout",
+                       str(TIMEOUT), "--keep-alive-timeout", str(TIMEOUT))
     yield url
     proc.terminate()
     proc.wait(timeout=600)
 
 
-def _start(run_dir, *flags):
+def _self_signed(folder):
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return folder / "cert.pem", folder / "key.pem"
+
+
+@pytest.fixture(scope="module")
+def secure(png_run, tmp_path_factory):
+    """A server with a token, HTTPS on a self-signed certificate, and an access log; its
+    URL, the TLS context that trusts that certificate, and the log's path."""
+    folder = tmp_path_factory.mktemp("secure")
+    cert, key = _self_signed(folder)
+    (folder / "token").write_text(TOKEN + "\n")
+    trust = ssl.create_default_context(cafile=str(cert))
+    proc, url = _start(png_run.run_dir, "--token-file", folder / "token", "--tls-cert", cert,
+                       "--tls-key", key, "--access-log", folder / "access.jsonl",
+                       scheme="https", verify=trust)
+    yield url, trust, folder / "access.jsonl"
+    proc.terminate()
+    proc.wait(timeout=600)
+
+
+def _start(run_dir, *flags, scheme="http", verify=True):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "serve", str(run_dir), "--port",
-                             str(port), *flags],
+                             str(port), *map(str, flags)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{scheme}://127.0.0.1:{port}"
     deadline = time.monotonic() + 10 * 60  # an outer limit: a slow machine starts it in seconds
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/healthz", timeout=1, verify=verify).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.1)
@@ -64,9 +120,17 @@ def _wait_until(event, proc) -> None:
         time.sleep(0.01)
 
 
-def _post(url, *files, **params):
-    return httpx.post(f"{url}/predict", params=params, timeout=600,
-                      files=[("files", (name, data)) for name, data in files])
+def _post(url, *files, headers=None, verify=True, **params):
+    return httpx.post(f"{url}/predict", params=params, timeout=600, headers=headers,
+                      verify=verify, files=[("files", (name, data)) for name, data in files])
+
+
+def _metrics(url, **kw) -> dict:
+    """/metrics read with prometheus-client's own parser: {(sample, labels): value}."""
+    r = httpx.get(f"{url}/metrics", timeout=600, **kw)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
 
 
 def test_predictions_equal_cnnkit_predict(server, png_run, png_sample):
@@ -119,25 +183,43 @@ def test_limits_answer_with_their_codes_and_the_server_lives_on(server, tmp_path
     assert httpx.get(f"{server}/healthz").status_code == 200
 
 
-def test_page_in_headless_chromium_shows_the_apis_top_class(server, png_sample, tmp_path):
+def test_page_in_headless_chromium_shows_the_apis_top_class(server, secure, png_sample,
+                                                            tmp_path):
+    """The page shows the API's top class; on a server with a token it asks for the token,
+    once: after a reload it still has it."""
     from playwright.sync_api import sync_playwright
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     assert browser_path, "Debian's chromium is needed (make test installs it)"
     image = sorted(png_sample.rglob("*.png"))[3]
     api_top = _post(server, (image.name, image.read_bytes()), top_k=5).json()[0][
         "predictions"][0]["class"]
+    secure_url, trust, _ = secure
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"])
         page = browser.new_page()
         page.goto(server + "/")
+        assert page.is_hidden("#login")
         page.set_input_files("#file", str(image))
         page.wait_for_selector("#top-class", timeout=600_000)
         shown = page.inner_text("#top-class")
         page.screenshot(path=str(tmp_path / "page.png"))
+
+        page = browser.new_context(ignore_https_errors=True).new_page()  # self-signed
+        page.goto(secure_url + "/")
+        page.wait_for_selector("#token", state="visible", timeout=600_000)
+        page.fill("#token", TOKEN)
+        page.click("#use-token")
+        page.wait_for_function("document.getElementById('model').textContent"
+                               ".includes('classes')", timeout=600_000)  # /model answered
+        page.reload()
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#top-class", timeout=600_000)
+        shown_with_token = page.inner_text("#top-class")
+        asked_again = page.is_visible("#login")
         browser.close()
-    assert shown == api_top
+    assert shown == api_top and shown_with_token == api_top and not asked_again
 
 
 def test_concurrent_requests_share_forward_passes_and_sigterm_finishes_them(png_run,
@@ -192,3 +274,169 @@ def test_concurrent_requests_share_forward_passes_and_sigterm_finishes_them(png_
     images, passes = map(int, re.search(r"(\d+) images answered in (\d+) forward passes",
                                         out).groups())
     assert images == len(paths) + 1 and passes < images, out
+
+
+def test_a_token_guards_the_model_over_https_but_not_the_health_probe(secure, png_sample):
+    url, trust, _ = secure
+    image = sorted(png_sample.rglob("*.png"))[0]
+    calls = {"/predict": lambda h: _post(url, (image.name, image.read_bytes()), headers=h,
+                                         verify=trust),
+             "/model": lambda h: httpx.get(f"{url}/model", headers=h, verify=trust),
+             "/metrics": lambda h: httpx.get(f"{url}/metrics", headers=h, verify=trust)}
+    for path, call in calls.items():
+        for wrong in ({}, {"Authorization": "Bearer nope"}, {"Authorization": TOKEN},
+                      {"Authorization": f"Bearer {TOKEN}x"}):
+            r = call(wrong)
+            assert r.status_code == 401, (path, wrong)
+            assert r.headers["www-authenticate"] == "Bearer" and "token" in r.json()["detail"]
+        assert call({"Authorization": f"Bearer {TOKEN}"}).status_code == 200, path
+    assert httpx.get(f"{url}/healthz", verify=trust).json() == {"status": "ok"}
+    assert "<script>" in httpx.get(f"{url}/", verify=trust).text  # the page asks for it
+    with pytest.raises(httpx.ConnectError):  # a certificate nobody vouched for
+        httpx.get(f"{url}/healthz")
+    with pytest.raises(httpx.HTTPError):  # nothing in clear text
+        httpx.get(url.replace("https:", "http:") + "/healthz")
+
+
+def test_metrics_count_what_was_sent_and_the_access_log_has_a_line_each(secure, png_sample):
+    url, trust, access_log = secure
+    auth = {"headers": {"Authorization": f"Bearer {TOKEN}"}, "verify": trust}
+    images = [p.read_bytes() for p in sorted(png_sample.rglob("*.png"))[:4]]
+    before = _metrics(url, **auth)
+    lines_before = len(access_log.read_text().splitlines())
+    for files in ([images[0]], [images[1]], [images[2], images[3]]):
+        assert _post(url, *[(f"{i}.png", b) for i, b in enumerate(files)], **auth
+                     ).status_code == 200
+    assert _post(url, ("notes.png", b"just text"), **auth).status_code == 415
+    assert _post(url, ("0.png", images[0]), verify=trust).status_code == 401
+    after = _metrics(url, **auth)
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+    assert grew("cnnkit_requests_total", route="/predict", status="200") == 3
+    assert grew("cnnkit_requests_total", route="/predict", status="415") == 1
+    assert grew("cnnkit_requests_total", route="/predict", status="401") == 1
+    assert grew("cnnkit_requests_total", route="/metrics", status="200") == 1  # `before`
+    assert grew("cnnkit_request_duration_seconds_count", route="/predict") == 5
+    assert grew("cnnkit_images_total") == 4 and grew("cnnkit_batch_images_sum") == 4
+    assert 1 <= grew("cnnkit_batch_images_count") <= 3  # forward passes
+    assert after[("cnnkit_queue_images", ())] == 0
+    assert after[("process_resident_memory_bytes", ())] > 0
+
+    lines = [json.loads(line) for line in access_log.read_text().splitlines()[lines_before:]]
+    predicts = [x for x in lines if x["route"] == "/predict"]
+    assert [(x["status"], x["images"]) for x in predicts] == \
+        [(200, 1), (200, 1), (200, 2), (415, 1), (401, None)]
+    assert all(x["batch"] >= x["images"] for x in predicts if x["status"] == 200)
+    assert all(x["client"] == "127.0.0.1" and x["ms"] > 0 and x["method"] == "POST"
+               for x in predicts)
+    assert len(access_log.read_bytes()) < 300 * len(access_log.read_text().splitlines())
+
+
+def test_past_max_queue_images_the_server_answers_503_with_retry_after(png_run, png_sample):
+    """A request of 3 images is let in alone though the queue holds 2; while its forward pass
+    is held, another request is turned away with 503; once it is answered, one is let in."""
+    lm = cnnkit.load(png_run.run_dir)
+    release = threading.Event()
+    release.set()
+
+    class Held(torch.nn.Module):  # the model, waiting to be released before each pass
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            release.wait()
+            return self.model(x)
+    lm.model = Held(lm.model)
+    app = cnnkit.serve.create_app(lm, device="cpu", max_queue=2)
+    release.clear()
+    images = [("a.png", p.read_bytes()) for p in sorted(png_sample.rglob("*.png"))[:3]]
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://cnnkit", timeout=600) as client:
+            def post(files):
+                return client.post("/predict", files=[("files", f) for f in files])
+            async def queued() -> float:
+                text = (await client.get("/metrics")).text
+                return float(re.search(r"^cnnkit_queue_images (\S+)$", text, re.M)[1])
+            first = asyncio.create_task(post(images))
+            while await queued() < 3 and not first.done():
+                await asyncio.sleep(0.01)  # until the first request is in
+            busy = asyncio.create_task(post(images[:1]))
+            while not busy.done() and await queued() < 4:
+                await asyncio.sleep(0.01)  # until it is answered, or (wrongly) let in
+            release.set()
+            return await first, await busy, await post(images[:2])
+    first, busy, later = asyncio.run(scenario())
+    app.state.batcher.close()
+    assert first.status_code == 200 and len(first.json()) == 3
+    assert busy.status_code == 503 and busy.headers["retry-after"] in {"1", "2", "3"}
+    assert "busy" in busy.json()["detail"] and "3 images are waiting" in busy.json()["detail"]
+    assert later.status_code == 200 and len(later.json()) == 2
+
+
+def test_slow_clients_are_closed_without_a_place_in_the_queue(server, png_sample):
+    """A request whose headers, or body, do not arrive within --request-timeout gets 408 and
+    its connection is closed; so is a connection that sends nothing; an idle keep-alive
+    connection is closed after --keep-alive-timeout. Meanwhile others are served."""
+    port = int(server.rsplit(":", 1)[1])
+    image = sorted(png_sample.rglob("*.png"))[0].read_bytes()
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.png\""
+            b"\r\nContent-Type: image/png\r\n\r\n" + image + b"\r\n--b--\r\n")
+    before = _metrics(server)
+    start = time.monotonic()
+    sockets = {name: socket.create_connection(("127.0.0.1", port), timeout=600)
+               for name in ("headers", "body", "nothing", "kept")}
+    sockets["headers"].sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multi")
+    sockets["body"].sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/"
+                            b"form-data; boundary=b\r\nContent-Length: %d\r\n\r\n" %
+                            len(body) + body[:40])
+    sockets["kept"].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _post(server, ("x.png", image)).status_code == 200  # others are served meanwhile
+    assert _metrics(server)[("cnnkit_queue_images", ())] == 0  # and nothing waits in line
+
+    def until_closed(s) -> bytes:
+        answer = b""
+        while chunk := s.recv(65536):  # the socket's 600 s: an outer limit only
+            answer += chunk
+        s.close()
+        return answer
+    answers = {name: until_closed(s) for name, s in sockets.items()}
+    assert time.monotonic() - start >= TIMEOUT * 0.9
+    for name in ("headers", "body", "nothing"):
+        assert answers[name].startswith(b"HTTP/1.1 408 "), name
+        assert b"connection: close" in answers[name] and b"--request-timeout" in answers[name]
+    assert answers["kept"].startswith(b"HTTP/1.1 200 ") and answers["kept"].endswith(b'"ok"}')
+    after = _metrics(server)
+    assert after[("cnnkit_request_timeouts_total", ())] - \
+        before[("cnnkit_request_timeouts_total", ())] == 3
+
+
+def test_other_machines_need_a_token_and_bad_settings_get_one_line(png_run, tmp_path, capsys,
+                                                                   monkeypatch):
+    run = str(png_run.run_dir)
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    for flags, words in [(["--host", "0.0.0.0"], "--no-token"),
+                         (["--host", "example.org"], "--token-file"),
+                         (["--token-file", str(empty)], "holds no token"),
+                         (["--token-file", str(tmp_path / "missing")], "cannot be read"),
+                         (["--tls-cert", str(empty)], "both --tls-cert and --tls-key"),
+                         (["--tls-cert", str(empty), "--tls-key", str(empty)], "not a cert"),
+                         (["--max-queue", "0"], "at least 1"),
+                         (["--request-timeout", "0"], "more than 0"),
+                         (["--access-log", str(tmp_path / "no" / "such" / "log")],
+                          "cannot be written")]:
+        assert main(["serve", run, "--port", str(_free_port()), *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("cnnkit: error: ") and err.count("\n") == 1 and words in err, err
+    monkeypatch.setenv("CNNKIT_TOKEN", "from-the-environment")
+    assert cnnkit.serve.read_token(None) == "from-the-environment"
+    (tmp_path / "given").write_text(" from-a-file\n")
+    assert cnnkit.serve.read_token(tmp_path / "given") == "from-a-file"
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert cnnkit.serve.is_loopback(host)
+    assert not any(map(cnnkit.serve.is_loopback, ("0.0.0.0", "::", "10.1.2.3", "host.lan")))

@@ -101,7 +101,9 @@ EXAMPLES = {
   cnnkit serve runs/cifar10-fastnet                 http://127.0.0.1:8000
   cnnkit serve model-int8.onnx --port 8080
   cnnkit serve runs/cifar10-fastnet --max-batch 128 --max-wait-ms 5
-  cnnkit serve runs/cifar10-fastnet --host 0.0.0.0  other machines too
+  cnnkit serve runs/cifar10-fastnet --host 0.0.0.0 --token-file token  other machines too
+  cnnkit serve RUN --host 0.0.0.0 --token-file token --tls-cert cert.pem --tls-key key.pem
+  cnnkit serve RUN --access-log access.jsonl --max-queue 64 --request-timeout 10
   curl -F files=@cat.jpg http://127.0.0.1:8000/predict""",
 }
 
@@ -264,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = _verb(sub, "serve", "an HTTP API and a web page for a trained model")
     sv.add_argument("model", metavar="RUN_OR_EXPORT")
-    sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine "
+                    "only); any other address needs a token or --no-token")
     sv.add_argument("--port", type=int, default=8000, help="default 8000")
     sv.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB",
                     help="largest image accepted (default 10)")
@@ -276,6 +279,26 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
                     help="how long a batch waits for requests still being decoded to join "
                     "it; without other requests in flight it never waits (default 2)")
+    sv.add_argument("--max-queue", type=int, metavar="N",
+                    help="most images admitted and not yet answered; past it, 503 with "
+                    "Retry-After (default: what forward passes of --max-batch images answer "
+                    "in 25 ms, timed at start)")
+    sv.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
+                    help="a request's headers and body must arrive within S seconds, or its "
+                    "connection is closed (default 30)")
+    sv.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="S",
+                    help="an idle keep-alive connection is closed after S seconds (default 5)")
+    sv.add_argument("--token-file", metavar="FILE",
+                    help="require 'Authorization: Bearer TOKEN' on /predict, /model and "
+                    "/metrics, TOKEN being this file's one line (or $CNNKIT_TOKEN)")
+    sv.add_argument("--no-token", action="store_true",
+                    help="serve on a non-loopback --host without a token, meaning to")
+    sv.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate "
+                    "(chain) ...")
+    sv.add_argument("--tls-key", metavar="PEM", help="... and its private key")
+    sv.add_argument("--access-log", metavar="FILE",
+                    help="append one JSON line per request: time, client, route, status, "
+                    "images, milliseconds, batch")
     sv.add_argument("--device", default="auto", help=DEVICE_HELP)
     sv.set_defaults(func=cmd_serve)
 
@@ -452,15 +475,21 @@ def cmd_runs(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import serve
-    for flag in ("max_files", "max_batch"):
-        if getattr(args, flag) < 1:
+    from .serve import read_token, serve
+    for flag in ("max_files", "max_batch", "max_queue"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SettingsError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_wait_ms < 0:
         raise SettingsError("--max-wait-ms must be 0 or more")
+    for flag in ("request_timeout", "keep_alive_timeout"):
+        if getattr(args, flag) <= 0:
+            raise SettingsError(f"--{flag.replace('_', '-')} must be more than 0 seconds")
     serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
           device=args.device, max_files=args.max_files, max_batch=args.max_batch,
-          max_wait_ms=args.max_wait_ms)
+          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+          request_timeout=args.request_timeout, keep_alive_timeout=args.keep_alive_timeout,
+          token=read_token(args.token_file), no_token=args.no_token, tls_cert=args.tls_cert,
+          tls_key=args.tls_key, access_log=args.access_log)
     return 0
 
 
