@@ -30,7 +30,7 @@ import cnnkit.serve
 from cnnkit.cli import main
 
 TOKEN = "a-token-for-the-tests"
-TIMEOUT = 2  # the module server's --request-timeout and --keep-alive-timeout, in seconds
+TIMEOUT = 3  # the module server's --request-timeout and --keep-alive-timeout, in seconds
 
 
 def _free_port():

@@ -281,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "it; without other requests in flight it never waits (default 2)")
     sv.add_argument("--max-queue", type=int, metavar="N",
                     help="most images admitted and not yet answered; past it, 503 with "
-                    "Retry-After (default: what forward passes of --max-batch images answer "
-                    "in 25 ms, timed at start)")
+                    "Retry-After (default: the images that forward passes of --max-batch "
+                    "answer in 10 ms, timed at start, and at least a quarter of --max-batch)")
     sv.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
                     help="a request's headers and body must arrive within S seconds, or its "
                     "connection is closed (default 30)")

@@ -453,8 +453,11 @@ UNAUTHORIZED = {401: {"model": Error, "description": "no token, or a wrong one: 
 
 
 def default_max_queue(max_batch: int, forward_s: float) -> int:
-    """Images that forward passes of `max_batch` answer in QUEUE_WAIT_S (at least one
-    pass's worth of a quarter batch, so that batching still has images to gather)."""
+    """The images that forward passes of `max_batch` answer in QUEUE_WAIT_S, and at least
+    a quarter of `max_batch`, so that batches still have images to gather. Short, because
+    on a CPU decoding and HTTP cost more per image than the forward pass: on this project's
+    2-core machine a queue of 16-21 images kept the admitted p99 within 2x of the unloaded
+    one, 52 did not (benchmarks/RESULTS.md section 22)."""
     return max(max_batch // 4, round(max_batch * QUEUE_WAIT_S / max(forward_s, 1e-6)))
 
 
