@@ -244,15 +244,19 @@ class Admission:
     def leave(self, images: int) -> None:
         self.queued -= images
 
+    def busy(self) -> tuple[str, str]:
+        """503's detail and Retry-After: 1 to 3 seconds, drawn, so that clients turned
+        away together do not all come back together."""
+        wait = random.randint(1, 3)
+        return (f"busy: {self.queued} images are waiting, the most this server queues is "
+                f"{self.limit}; retry in {wait} s"), str(wait)
+
 
 class Gate:
-    """What every request meets before the app: its token, its size and, for /predict,
-    admission to a bounded queue; then its answer is counted and logged.
-
-    Admission comes after the body has arrived (a slow client never holds a place in the
-    queue) and before the multipart parse (a turned-away request costs little). Plain ASGI:
-    Starlette's BaseHTTPMiddleware costs more per request than the rest of the routing.
-    """
+    """What every request meets before the app: its token and its size and, when the queue
+    is full, a 503 before its body is read; then its answer is counted and logged. Plain
+    ASGI: Starlette's BaseHTTPMiddleware costs more per request than the rest of the
+    routing."""
 
     def __init__(self, app, *, token: str | None, body_limit: int, body_message: str,
                  admission: "Admission", metrics: Metrics,
@@ -275,7 +279,7 @@ class Gate:
                 status = message["status"]
             await send(message)
         try:
-            await self._admit(scope, receive, answering, route, state)
+            await self._admit(scope, receive, answering, route)
         finally:
             if status is not None:  # None: the client went away, or its time ran out
                 seconds = time.perf_counter() - start
@@ -284,7 +288,7 @@ class Gate:
                     log_line(self.access_log, scope.get("client"), scope["method"], route,
                              status, seconds, state.get("images"), state.get("batch"))
 
-    async def _admit(self, scope, receive, send, route: str, state: dict) -> None:
+    async def _admit(self, scope, receive, send, route: str) -> None:
         if self.token and route in PROTECTED and not self._authorized(scope["headers"]):
             return await _answer(send, 401, "this server needs its token: send the header "
                                  "'Authorization: Bearer TOKEN'",
@@ -293,45 +297,11 @@ class Gate:
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.body_limit:
             return await _answer(send, 413, self.body_message)
-        if route != "/predict" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        queue = self.admission
-        if queue.full:  # turned away before its body is read: at the least cost
-            return await self._busy(send)
-
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.body_limit:  # a chunked body, without a length to check
-                return await _answer(send, 413, self.body_message)
-            if not message.get("more_body", False):
-                break
-        images = state["images"] = _count_parts(headers.get(b"content-type", b""), body)
-        if not queue.enter(images):
-            return await self._busy(send)
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-        try:
-            await self.app(scope, replay, send)
-        finally:
-            queue.leave(images)
-
-    async def _busy(self, send) -> None:
-        queue = self.admission
-        # 1 to 3 seconds, drawn: clients turned away together do not all come back together
-        wait = random.randint(1, 3)
-        await _answer(send, 503, f"busy: {queue.queued} images are waiting, the most this "
-                      f"server queues is {queue.limit}; retry in {wait} s",
-                      [(b"retry-after", str(wait).encode())])
+        if route == "/predict" and scope["method"] == "POST" and self.admission.full:
+            # turned away before its body is read, at the least cost
+            detail, retry_after = self.admission.busy()
+            return await _answer(send, 503, detail, [(b"retry-after", retry_after.encode())])
+        await self.app(scope, receive, send)
 
     def _authorized(self, headers) -> bool:
         for name, value in headers:
@@ -341,14 +311,6 @@ class Gate:
                 return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(),
                                                                            self.token)
         return False
-
-
-def _count_parts(content_type: bytes, body: bytes) -> int:
-    """The files in a multipart body, counted by its boundary lines without parsing it; 1
-    for anything else (the app answers that with 422)."""
-    _, _, boundary = content_type.partition(b"boundary=")
-    boundary = boundary.split(b";")[0].strip(b'" ')
-    return max(1, body.count(b"--" + boundary) - 1) if boundary else 1
 
 
 def deadline_protocol(timeout: float, on_timeout: Callable[[tuple | None], None]) -> type:
@@ -543,6 +505,18 @@ def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0,
             files: Annotated[list[UploadFile], File(min_length=1, max_length=max_files,
                                                     description="image files")],
             top_k: int = Query(3, ge=1, le=1000)):
+        # let in once its body has arrived (a slow client never holds a place in the queue)
+        # and been parsed, before any image is decoded
+        request.state.images = len(files)
+        if not admission.enter(len(files)):
+            detail, retry_after = admission.busy()
+            raise HTTPException(503, detail, headers={"Retry-After": retry_after})
+        try:
+            return await answer(files, top_k, request)
+        finally:
+            admission.leave(len(files))
+
+    async def answer(files: list[UploadFile], top_k: int, request: Request) -> list[dict]:
         batcher.decoding += 1
         try:
             data = [await f.read(limit + 1) for f in files]
@@ -554,7 +528,6 @@ def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0,
         finally:
             batcher.decoding -= 1
         probs, request.state.batch = await batcher(images)
-        request.state.images = len(images)
         ranked = top_classes(lm, probs, top_k)
         called = [{"labels": s["labels"]} if s else {} for s in label_sets(lm, probs)]
         return [{"file": name, "predictions": p, **c}
