@@ -46,7 +46,7 @@ OLD = ("import uvicorn; from cnnkit.serve import create_app; "
        "uvicorn.run(create_app({run!r}), port={port}, log_level='warning', loop='asyncio', "
        "http='h11')")
 PLAIN = OLD  # this checkout's app with the pure-Python loop: what uvloop/httptools bring
-SERVE_ARGS: dict = {}  # --max-queue, --request-timeout
+SERVE_ARGS: dict = {}  # --max-queue, --request-timeout, --reject-delay
 
 
 def request_bytes(port: int, image: bytes) -> bytes:
@@ -360,12 +360,14 @@ def main():
                    "wait Retry-After's second after a 503, and those that retry at once")
     p.add_argument("--max-queue", type=int, help="the server's --max-queue")
     p.add_argument("--request-timeout", type=float, help="the server's --request-timeout")
+    p.add_argument("--reject-delay", type=float, help="the server's --reject-delay")
     p.add_argument("--image", default=str(HERE.parent.parent / "shared" / "data" /
                                           "cifar10-png-sample" / "cat" / "10.png"))
     p.add_argument("--json", metavar="FILE", help="also write the rows here")
     a = p.parse_args()
     SERVE_ARGS.update({k: v for k, v in (("max_queue", a.max_queue),
-                                         ("request_timeout", a.request_timeout)) if v})
+                                         ("request_timeout", a.request_timeout),
+                                         ("reject_delay", a.reject_delay)) if v is not None})
     image = Path(a.image).read_bytes()
     rows = []
     if a.soak:

@@ -336,7 +336,8 @@ def test_metrics_count_what_was_sent_and_the_access_log_has_a_line_each(secure, 
 
 def test_past_max_queue_images_the_server_answers_503_with_retry_after(png_run, png_sample):
     """A request of 3 images is let in alone though the queue holds 2; while its forward pass
-    is held, another request is turned away with 503; once it is answered, one is let in."""
+    is held, another request is turned away with 503, answered after half its reject delay
+    at least; once the first is answered, one is let in."""
     lm = cnnkit.load(png_run.run_dir)
     release = threading.Event()
     release.set()
@@ -350,7 +351,7 @@ def test_past_max_queue_images_the_server_answers_503_with_retry_after(png_run, 
             release.wait()
             return self.model(x)
     lm.model = Held(lm.model)
-    app = cnnkit.serve.create_app(lm, device="cpu", max_queue=2)
+    app = cnnkit.serve.create_app(lm, device="cpu", max_queue=2, reject_delay=0.4)
     release.clear()
     images = [("a.png", p.read_bytes()) for p in sorted(png_sample.rglob("*.png"))[:3]]
 
@@ -365,15 +366,18 @@ def test_past_max_queue_images_the_server_answers_503_with_retry_after(png_run, 
             first = asyncio.create_task(post(images))
             while await queued() < 3 and not first.done():
                 await asyncio.sleep(0.01)  # until the first request is in
+            sent = time.perf_counter()
             busy = asyncio.create_task(post(images[:1]))
             while not busy.done() and await queued() < 4:
                 await asyncio.sleep(0.01)  # until it is answered, or (wrongly) let in
+            held = time.perf_counter() - sent
             release.set()
-            return await first, await busy, await post(images[:2])
-    first, busy, later = asyncio.run(scenario())
+            return await first, await busy, held, await post(images[:2])
+    first, busy, held, later = asyncio.run(scenario())
     app.state.batcher.close()
     assert first.status_code == 200 and len(first.json()) == 3
     assert busy.status_code == 503 and busy.headers["retry-after"] in {"1", "2", "3"}
+    assert held >= 0.2  # a lower bound: a timer never fires early
     assert "busy" in busy.json()["detail"] and "3 images are waiting" in busy.json()["detail"]
     assert later.status_code == 200 and len(later.json()) == 2
 
@@ -428,6 +432,7 @@ def test_other_machines_need_a_token_and_bad_settings_get_one_line(png_run, tmp_
                          (["--tls-cert", str(empty), "--tls-key", str(empty)], "not a cert"),
                          (["--max-queue", "0"], "at least 1"),
                          (["--request-timeout", "0"], "more than 0"),
+                         (["--reject-delay", "-1"], "0 or more"),
                          (["--access-log", str(tmp_path / "no" / "such" / "log")],
                           "cannot be written")]:
         assert main(["serve", run, "--port", str(_free_port()), *flags]) == 2, flags

@@ -283,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="most images admitted and not yet answered; past it, 503 with "
                     "Retry-After (default: the images that forward passes of --max-batch "
                     "answer in 10 ms, timed at start, and at least a quarter of --max-batch)")
+    sv.add_argument("--reject-delay", type=float, default=1.0, metavar="S",
+                    help="a request turned away is answered 503 after S seconds, so that "
+                    "clients that retry at once cannot keep the server busy turning them "
+                    "away (default 1; 0 answers at once)")
     sv.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
                     help="a request's headers and body must arrive within S seconds, or its "
                     "connection is closed (default 30)")
@@ -479,8 +483,9 @@ def cmd_serve(args) -> int:
     for flag in ("max_files", "max_batch", "max_queue"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SettingsError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.max_wait_ms < 0:
-        raise SettingsError("--max-wait-ms must be 0 or more")
+    for flag in ("max_wait_ms", "reject_delay"):
+        if getattr(args, flag) < 0:
+            raise SettingsError(f"--{flag.replace('_', '-')} must be 0 or more")
     for flag in ("request_timeout", "keep_alive_timeout"):
         if getattr(args, flag) <= 0:
             raise SettingsError(f"--{flag.replace('_', '-')} must be more than 0 seconds")
@@ -489,7 +494,7 @@ def cmd_serve(args) -> int:
           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
           request_timeout=args.request_timeout, keep_alive_timeout=args.keep_alive_timeout,
           token=read_token(args.token_file), no_token=args.no_token, tls_cert=args.tls_cert,
-          tls_key=args.tls_key, access_log=args.access_log)
+          tls_key=args.tls_key, access_log=args.access_log, reject_delay=args.reject_delay)
     return 0
 
 

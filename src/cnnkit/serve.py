@@ -226,10 +226,17 @@ async def _answer(send, status: int, detail: str, headers: list | None = None) -
 class Admission:
     """At most `limit` images admitted and not yet answered (decoding, waiting or in the
     forward pass), as Triton's queue policy and TorchServe's job queue bound theirs. One
-    request of more images than that is let in alone. Used from the event loop only."""
+    request of more images than that is let in alone. Used from the event loop only.
 
-    def __init__(self, limit: int):
-        self.limit, self.queued = limit, 0
+    A request turned away is answered after about `delay` seconds (drawn from half to one
+    and a half times it, so that clients turned away together are not answered, and do
+    not retry, together). A client that retries at once (as wrk does) then asks about once
+    a `delay`; answered at once, a thousand such clients kept the one event loop answering
+    12,000 503s a second, and every admitted request waited behind them
+    (benchmarks/RESULTS.md section 22). The wait costs a timer, not a place in the queue."""
+
+    def __init__(self, limit: int, delay: float = 1.0):
+        self.limit, self.delay, self.queued = limit, delay, 0
 
     @property
     def full(self) -> bool:
@@ -244,12 +251,14 @@ class Admission:
     def leave(self, images: int) -> None:
         self.queued -= images
 
-    def busy(self) -> tuple[str, str]:
-        """503's detail and Retry-After: 1 to 3 seconds, drawn, so that clients turned
-        away together do not all come back together."""
+    async def turn_away(self) -> tuple[str, str]:
+        """503's detail and Retry-After, after the delay. Retry-After is 1 to 3 seconds,
+        drawn, for the clients that honour it."""
+        detail = (f"busy: {self.queued} images are waiting, the most this server queues "
+                  f"is {self.limit}")
+        await asyncio.sleep(self.delay * random.uniform(0.5, 1.5))
         wait = random.randint(1, 3)
-        return (f"busy: {self.queued} images are waiting, the most this server queues is "
-                f"{self.limit}; retry in {wait} s"), str(wait)
+        return f"{detail}; retry in {wait} s", str(wait)
 
 
 class Gate:
@@ -299,7 +308,7 @@ class Gate:
             return await _answer(send, 413, self.body_message)
         if route == "/predict" and scope["method"] == "POST" and self.admission.full:
             # turned away before its body is read, at the least cost
-            detail, retry_after = self.admission.busy()
+            detail, retry_after = await self.admission.turn_away()
             return await _answer(send, 503, detail, [(b"retry-after", retry_after.encode())])
         await self.app(scope, receive, send)
 
@@ -437,9 +446,11 @@ def time_forward(infer: Callable[[torch.Tensor], torch.Tensor], lm: LoadedModel,
 def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0,
                device: str = "auto", max_files: int = 64, max_batch: int = 64,
                max_wait_ms: float = 2.0, max_queue: int | None = None,
-               token: str | None = None, access_log: "str | Path | None" = None) -> FastAPI:
+               token: str | None = None, access_log: "str | Path | None" = None,
+               reject_delay: float = 1.0) -> FastAPI:
     """The app that `serve` runs. `max_queue` None: from a timed forward pass (see
-    `default_max_queue`). `token`: required on /predict, /model and /metrics."""
+    `default_max_queue`). `token`: required on /predict, /model and /metrics.
+    `reject_delay`: the seconds before a 503 is answered (see `Admission`)."""
     runtime = select_runtime(device)
     lm = model if isinstance(model, LoadedModel) else load(model, runtime.device)
     lm.model.to(runtime.device, memory_format=runtime.memory_format)
@@ -450,7 +461,7 @@ def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0,
     forward_s = time_forward(infer, lm, max_batch)
     if max_queue is None:
         max_queue = default_max_queue(max_batch, forward_s)
-    admission = Admission(max_queue)
+    admission = Admission(max_queue, reject_delay)
     metrics = Metrics(lambda: admission.queued, max_queue)
     batcher = Batcher(infer, max_batch, max_wait_ms, observe=metrics.forward_pass)
 
@@ -462,15 +473,17 @@ def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0,
     app = FastAPI(title="cnnkit", lifespan=lifespan,
                   description=f"{lm.name}: {len(lm.classes)} classes. Uploads up to "
                   f"{max_upload_mb:g} MB each, at most {max_files} files per request; at "
-                  f"most {max_queue} images waiting (503 past that). A request that does "
+                  f"most {max_queue} images waiting (503 past that, answered after about "
+                  f"{reject_delay:g} s). A request that does "
                   "not arrive whole within the server's --request-timeout gets 408 and its "
                   "connection is closed.")
     app.state.batcher, app.state.metrics, app.state.max_queue = batcher, metrics, max_queue
     app.state.forward_s = forward_s
+    app.state.access_log = access_logger(access_log) if access_log else None
     app.add_middleware(Gate, token=token, body_limit=max_files * (limit + 64 * 1024),
                        body_message=f"upload larger than {max_upload_mb:g} MB per file, "
                        f"{max_files} files", admission=admission, metrics=metrics,
-                       access_log=access_logger(access_log) if access_log else None)
+                       access_log=app.state.access_log)
     # behind the token: 401 in the schema, and the scheme it asks for
     auth = UNAUTHORIZED if token else {}
     bearer = {"security": [{"bearer": []}]} if token else None
@@ -509,7 +522,7 @@ def create_app(model: "str | Path | LoadedModel", max_upload_mb: float = 10.0,
         # and been parsed, before any image is decoded
         request.state.images = len(files)
         if not admission.enter(len(files)):
-            detail, retry_after = admission.busy()
+            detail, retry_after = await admission.turn_away()
             raise HTTPException(503, detail, headers={"Retry-After": retry_after})
         try:
             return await answer(files, top_k, request)
@@ -625,13 +638,12 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: fl
           max_wait_ms: float = 2.0, max_queue: int | None = None,
           request_timeout: float = 30.0, keep_alive_timeout: float = 5.0,
           token: str | None = None, no_token: bool = False, tls_cert=None, tls_key=None,
-          access_log=None, log=print) -> None:
+          access_log=None, reject_delay: float = 1.0, log=print) -> None:
     import uvicorn
     check_network(host, token, no_token, tls_cert, tls_key)
     app = create_app(model, max_upload_mb, device, max_files, max_batch, max_wait_ms,
-                     max_queue, token, access_log)
-    metrics = app.state.metrics
-    logger = access_logger(access_log) if access_log else None
+                     max_queue, token, access_log, reject_delay)
+    metrics, logger = app.state.metrics, app.state.access_log
 
     def timed_out(client) -> None:
         metrics.timeouts.inc()
