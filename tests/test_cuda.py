@@ -62,7 +62,7 @@ def test_every_model_trains_an_epoch_with_its_gpu_settings(tmp_path, name, data)
                           out=str(tmp_path / "r"), **QUIET)
     assert 0 <= result.best_val_acc <= 1
     # the model's own widths for this device (fastnet's GPU widths are wider than its CPU's)
-    assert result.config.width == model_entry(name).default_width(DEVICE.split(":")[0], None)
+    assert result.config.width == model_entry(name).default_width(DEVICE.split(":")[0])
 
 
 def test_default_recipe_learns(cuda_run):

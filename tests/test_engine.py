@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -69,7 +71,7 @@ def test_fast_recipe_is_the_default():
 
 
 @pytest.mark.parametrize("recipe,device,n,expect", [
-    ("fast", "cpu", 4000, dict(epochs=16, batch_size=256, width="40,160,160", lr=0.24,
+    ("fast", "cpu", 4000, dict(epochs=16, batch_size=256, width="32,128,128", lr=0.24,
                               sgd_lr=0.053 * 256)),
     ("fast", "cuda", 50_000, dict(epochs=8, batch_size=1024, width="64,256,256")),
     # a mid-sized data set keeps about 16 steps an epoch on a GPU too
@@ -86,15 +88,6 @@ def test_recipe_settings_fitted_to_data_and_device(recipe, device, n, expect):
     for key, value in expect.items():
         assert getattr(cfg, key) == (pytest.approx(value) if isinstance(value, float)
                                      else value), key
-
-
-def test_short_time_budgets_train_a_narrower_fastnet_on_the_cpu():
-    from cnnkit.recipes import fill_recipe_defaults
-    width = {budget: fill_recipe_defaults(make_config(time_budget=budget), 4000, "cpu").width
-             for budget in (10, 44, 45, 60)}
-    assert width == {10: "32,128,128", 44: "32,128,128", 45: "40,160,160", 60: "40,160,160"}
-    gpu = fill_recipe_defaults(make_config(time_budget=10), 4000, "cuda")
-    assert gpu.width == "64,256,256"
 
 
 def test_time_budget_plans_a_whole_schedule(tmp_path):
@@ -166,11 +159,12 @@ def test_every_model_trains_with_every_optimizer(name, optimizer):
     assert all(changed) and all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_time_budget_is_replanned_at_the_pace_of_the_last_epoch():
+def test_a_time_budget_is_replanned_for_the_whole_command():
+    import time
     from types import SimpleNamespace
     from cnnkit import distributed
     from cnnkit.optim import build_scheduler
-    from cnnkit.setup import replan
+    from cnnkit.setup import Budget, replan
     model = cnnkit.create_model("seed-simple")
     cfg = make_config(optimizer="sgd", lr=0.1, time_budget=10.0, epochs=5)
     opt = build_optimizer(model, cfg)
@@ -178,14 +172,44 @@ def test_a_time_budget_is_replanned_at_the_pace_of_the_last_epoch():
     info = SimpleNamespace(config=cfg)
     run = SimpleNamespace(cfg=cfg, info=info, dist=distributed.SINGLE, total_steps=50,
                           steps_per_epoch=10, step=SimpleNamespace(scheduler=scheduler))
-    # 3 s spent in 20 steps, the last 10 at 0.1 s each: (9.9 - 3) / 0.1 = 69 more steps
-    assert replan(run, [2.0, 1.0], 20, 10) == 89
-    assert run.total_steps == 89 and run.cfg.epochs == 9 and run.info.config.epochs == 9
-    assert all(s.total == 89 for s in scheduler.lr_lambdas)
-    # the schedule now ends at step 89; its state is saved with the checkpoint
-    assert scheduler.state_dict()["lr_lambdas"][0]["total"] == 89
+    # the command started 3.05 s ago; 10 s at 0.1 s a step, nothing else to pay for:
+    # (9.9 - 3.05) / 0.1 = 68.5 more steps (a little less, as the clock runs on)
+    budget = Budget(10.0, time.perf_counter() - 3.05, eval_passes=1, after=0.0)
+    assert replan(run, budget, pace=0.1, eval_seconds=0.0, steps_done=20, epochs_done=2) == 88
+    assert run.total_steps == 88 and run.cfg.epochs == 9 and run.info.config.epochs == 9
+    assert all(s.total == 88 for s in scheduler.lr_lambdas)
+    # the schedule now ends at step 88; its state is saved with the checkpoint
+    assert scheduler.state_dict()["lr_lambdas"][0]["total"] == 88
+    # 0.2 s an evaluation, the final one 6 passes (TTA), 1 s of report and exit: 9.9 - 3.05
+    # - 0.2 (this epoch's) - 5 * 0.2 - 1 = 4.65 s, at 0.1 + 0.2 / 10 s a step: 38.75 steps
+    budget = Budget(10.0, time.perf_counter() - 3.05, eval_passes=6, after=1.0)
+    assert replan(run, budget, pace=0.1, eval_seconds=0.2, steps_done=20, epochs_done=2) == 58
+    assert run.cfg.epochs == 6
     # over budget already: no step more
-    assert replan(run, [2.0, 9.0], 30, 10) == 30 and run.cfg.epochs == 3
+    budget = Budget(10.0, time.perf_counter() - 12.0, eval_passes=1, after=0.0)
+    assert replan(run, budget, pace=0.1, eval_seconds=0.0, steps_done=30, epochs_done=3) == 30
+    assert run.cfg.epochs == 3
+    # 0.55 s left after this epoch's evaluation: not an epoch's 10 steps at 0.1 s and 0.2 s
+    # of evaluation, but 3 steps (0.35 s), and an evaluation after them: a short 4th epoch
+    budget = Budget(10.0, time.perf_counter() - 9.15, eval_passes=1, after=0.0)
+    assert replan(run, budget, pace=0.1, eval_seconds=0.2, steps_done=28, epochs_done=3) == 31
+    assert run.cfg.epochs == 4
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux' /proc")
+def test_the_cli_counts_a_time_budget_from_its_process_start():
+    """process_age() is the seconds since the process started: at least the half second
+    this child slept, and no more than the parent saw it live."""
+    import subprocess
+    import sys
+    import time
+    code = ("import time; time.sleep(0.5); from cnnkit.cli import process_age; "
+            "print(process_age())")
+    start = time.perf_counter()
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True).stdout)
+    lived = time.perf_counter() - start
+    assert 0.5 <= age <= lived + 0.02  # + a clock tick: /proc counts in hundredths
 
 
 def test_batch_order_drops_the_smaller_last_batch_when_asked():

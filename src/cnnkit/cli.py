@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import os
 import shutil
 import signal
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 from .version import __version__
@@ -87,12 +90,12 @@ EXAMPLES = {
   cnnkit predict model.onnx cat.jpg                 use the export""",
     "doctor": """\
   cnnkit doctor photos/                             4 folds of the default recipe
-  cnnkit doctor photos/ --time-budget 30 --folds 5  30 seconds of training per fold
+  cnnkit doctor photos/ --time-budget 30 --folds 5  30 seconds per fold
   cnnkit doctor labels.csv --fix                    also write clean.csv without the flagged
   cnnkit train --data runs/doctor-labels/clean.csv  train on it""",
     "tune": """\
   cnnkit tune --data photos/ --trials 20            the default space of the default recipe
-  cnnkit tune --data cifar10 --trials 12 --time-budget 20   20 s of training a trial
+  cnnkit tune --data cifar10 --trials 12 --time-budget 20   20 s a trial
   cnnkit tune --data photos/ --model timm:tf_efficientnet_lite0 --weights W.pth
   cnnkit tune --data photos/ --space space.yaml     lr: {low: 0.1, high: 0.5, log: true}
   cnnkit tune --data photos/ --storage sqlite:///shared.db --study s1   one study, many workers
@@ -385,8 +388,20 @@ def cmd_train(args) -> int:
             print(f"settings: {len(settings) - len(typed)} from {args.config}" +
                   (f"; {', '.join('--' + k.replace('_', '-') for k in typed)} from the "
                    "command line" if typed else ""), file=sys.stderr)
-        train(make_config(**settings), nproc=args.nproc)
+        train(make_config(**settings), nproc=args.nproc,
+              started=time.perf_counter() - process_age())
     return 0
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux' /proc; 0 elsewhere): `--time-budget` is
+    the whole command's, Python's start and the imports included."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: clock ticks
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 def cmd_demo(args) -> int:
@@ -626,3 +641,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def run() -> None:
+    """The `cnnkit` command: main(), then out without the interpreter's teardown. Tearing
+    down torch's, dynamo's and scikit-learn's modules took ~1 s here after the last line
+    (benchmarks/RESULTS.md section 23), and by then every file is written and closed."""
+    status = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said there
+            pass
+    os._exit(status)

@@ -99,8 +99,10 @@ class Config:
                          "every step costs the same)", group="training")
     epochs: int | None = _f(None, "passes over the training set (default: the recipe's, "
                             "scaled to the data set's size)", group="training")
-    time_budget: float | None = _f(None, "fit the schedule to this many seconds of training, "
-                                   "planned from a measured step time", group="training")
+    time_budget: float | None = _f(None, "fit the run to this many seconds of the whole "
+                                   "command (start-up, data, evaluations, report included), "
+                                   "planned from a measured step time and re-planned after "
+                                   "each epoch", group="training")
     batch_size: int | None = _f(None, "images per optimizer step, over all processes under "
                                 "DDP (default: the recipe's; fast: 256 on the CPU, 1024 on a "
                                 "GPU)", group="training")

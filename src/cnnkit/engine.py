@@ -206,6 +206,11 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int, mirror: bool = Tru
     return 0.5 * logits + 0.5 * moved
 
 
+def tta_passes(level: int, mirror: bool = True) -> int:
+    """Forward passes of each image that `tta_logits` makes at `level`."""
+    return {0: 1, 1: 2, 2: 6}[level] if mirror else {0: 1, 1: 1, 2: 3}[level]
+
+
 @torch.no_grad()
 def linear_probe(model: nn.Module, data: Split, *, mean, std, runtime: Runtime,
                  batch_size: int, progress: bool = False, c: float = 1.0) -> EpochStats:

@@ -136,7 +136,7 @@ def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str,
     if cfg.sgd_lr is None and cfg.optimizer == "muon":
         changes["sgd_lr"] = 0.053 * batch
     if cfg.width is None:
-        changes["width"] = model_entry(cfg.model).default_width(device_type, cfg.time_budget)
+        changes["width"] = model_entry(cfg.model).default_width(device_type)
     if cfg.freeze_epochs is None:
         # fine-tuning pretrained weights: the new head first, on a frozen backbone
         changes["freeze_epochs"] = int(cfg.recipe == "finetune" and pretrained and not probe)

@@ -19,7 +19,8 @@ from .checkpoint import (RunInfo, as_checkpoint, is_checkpoint, load_weights, mo
 from .config import Config, parse_widths
 from .data import Dataset, check_multi_label, check_source, expected_input, load_dataset
 from .device import Runtime, synchronize
-from .engine import TrainStep, balanced_weights, batch_order, to_device, train_one_epoch
+from .engine import (TrainStep, balanced_weights, batch_order, to_device, train_one_epoch,
+                     tta_passes)
 from .errors import SettingsError
 from .models import create_model, model_entry
 from .optim import build_ema, build_optimizer, build_scheduler
@@ -154,12 +155,48 @@ def prepare(cfg: Config, runtime: Runtime, dataset: Dataset | None = None):
     return cfg, ds, model, model_args, mean, std
 
 
+# What a run spends after its final evaluation: the report's pictures (2 s here, with
+# matplotlib's import) or its page alone, and the process' exit. A time budget keeps it in
+# hand (benchmarks/RESULTS.md section 23).
+AFTER_SECONDS = {True: 2.5, False: 0.5}
+
+
+@dataclass
+class Budget:
+    """A time budget for the whole command: `seconds` from `started` (a time.perf_counter()
+    reading: the process' start under the CLI, train()'s call otherwise). Besides training
+    steps it pays for what already ran (start-up, data, the plan), an evaluation after every
+    epoch, the final one's test-time augmentation, the report and the exit."""
+    seconds: float
+    started: float
+    eval_passes: int   # forward passes of each image in the final evaluation (TTA)
+    after: float       # the report and the exit, in seconds
+
+    def left(self, eval_seconds: float) -> float:
+        """Seconds left for training epochs, each with its evaluation: the budget less what
+        has run, the final evaluation's extra passes (TTA), the report and the exit; 1% kept
+        in hand for the noise of the paces these are reckoned from."""
+        return (0.99 * self.seconds - (time.perf_counter() - self.started)
+                - eval_seconds * (self.eval_passes - 1) - self.after)
+
+    @classmethod
+    def of(cls, cfg: Config, started: float | None) -> "Budget | None":
+        if cfg.time_budget is None:
+            return None
+        return cls(cfg.time_budget, time.perf_counter() if started is None else started,
+                   tta_passes(cfg.tta, cfg.flip != "none"), AFTER_SECONDS[bool(cfg.plots)])
+
+
 def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runtime,
-               steps_per_epoch: int, dist: distributed.Dist = distributed.SINGLE
-               ) -> tuple[int, str]:
-    """How many optimizer steps fit in cfg.time_budget, from step times measured on
-    throw-away copies of the model and optimizer (the run itself is untouched). Under DDP every process times its steps (communication included) and rank 0's
-    plan is everyone's."""
+               steps_per_epoch: int, budget: Budget, val_images: int,
+               dist: distributed.Dist = distributed.SINGLE) -> tuple[int, str]:
+    """How many optimizer steps fit in the time budget, from the time of a few steps of the
+    first epoch measured on throw-away copies of the model and optimizer (the run itself is
+    untouched); an evaluation is reckoned a third of a training step per image (a forward
+    pass only). Only a first plan: every epoch re-plans at its own pace (`replan`), so a
+    later phase that trains more or less (fastnet's whitening bias, a frozen backbone) is
+    not timed here, and the few seconds it would take stay in the budget. Under DDP every
+    process times its steps (communication included) and rank 0's plan is everyone's."""
     trial = copy.deepcopy(model)
     optimizer = build_optimizer(trial, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.0)
@@ -168,49 +205,40 @@ def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runt
                      dist=dist, scaler=runtime.grad_scaler())
     kw = dict(batch_size=cfg.batch_size, epoch=0, generator=generator,
               drop_last=cfg.drop_last)
-    # A model may train more in its first epochs (fastnet's whitening bias) or less (a
-    # frozen backbone): both phases are timed.
-    early_epochs = trial.warmup_epochs(cfg)
-    early_steps = early_epochs * steps_per_epoch
-
-    def seconds_per_step(epoch: int, steps: int = 8) -> float:
-        trial.on_epoch(epoch, cfg)
-        net = wrap(trial)
-        train_one_epoch(net, data, step, max_batches=2, **kw)  # warm-up
-        synchronize(runtime)
-        n = min(steps, steps_per_epoch)
-        start = time.perf_counter()
-        train_one_epoch(net, data, step, max_batches=n, **kw)
-        synchronize(runtime)
-        return (time.perf_counter() - start) / n
-
-    late = seconds_per_step(early_epochs)
-    early = seconds_per_step(0) if early_steps else late
-    budget = cfg.time_budget
-    if budget <= early_steps * early:
-        total = budget / early
-    else:
-        total = early_steps + (budget - early_steps * early) / late
+    trial.on_epoch(0, cfg)
+    net = wrap(trial)
+    train_one_epoch(net, data, step, max_batches=1, **kw)  # warm-up: kernels are set up
+    synchronize(runtime)
+    n = min(2, steps_per_epoch)
+    start = time.perf_counter()
+    train_one_epoch(net, data, step, max_batches=n, **kw)
+    synchronize(runtime)
+    pace = (time.perf_counter() - start) / n
+    eval_seconds = pace * val_images / cfg.batch_size / 3
+    total = budget.left(eval_seconds) / (pace + eval_seconds / steps_per_epoch)
     total = max(1, int(total))
     return distributed.broadcast(dist, (total, (
-        f"time budget {budget:g}s at {late * 1000:.0f} ms/step "
-        f"({early * 1000:.0f} in the first {early_epochs} epochs): "
-        f"{total} steps" if early_steps else
-        f"time budget {budget:g}s at {late * 1000:.0f} ms/step: {total} steps")))
+        f"time budget {budget.seconds:g}s (the whole command) at {pace * 1000:.0f} ms/step: "
+        f"{total} steps")))
 
 
-def replan(run: "Run", seconds: list[float], steps_done: int, last_steps: int) -> int:
-    """A time budget re-planned after an epoch, at the pace of the epoch just trained: the
-    steps that fit in what is left of it, 1% kept in hand for the noise of that pace, so the
-    run ends close to the budget and not after it. The schedule stretches or shrinks to the
-    new end. Rank 0's plan is everyone's."""
-    pace = seconds[-1] / max(last_steps, 1)
-    left = int((0.99 * run.cfg.time_budget - sum(seconds)) / pace)
-    total = distributed.broadcast(run.dist, steps_done + max(0, left))
+def replan(run: "Run", budget: Budget, pace: float, eval_seconds: float, steps_done: int,
+           epochs_done: int) -> int:
+    """A time budget re-planned after an epoch's training, at the pace of that epoch and
+    the cost of the last evaluation (and checkpoint): the steps that fit in what is left of
+    the whole command, so the run ends close to the budget and not after it. The schedule
+    stretches or shrinks to the new end. Rank 0's plan is everyone's."""
+    # this epoch's evaluation is still to come; the later ones come with their epochs
+    left = budget.left(eval_seconds) - eval_seconds
+    steps = int(left / (pace + eval_seconds / run.steps_per_epoch))
+    if steps < run.steps_per_epoch:  # one more, short epoch pays a whole evaluation
+        steps = int((left - eval_seconds) / pace)
+    total = distributed.broadcast(run.dist, steps_done + max(0, steps))
     run.total_steps = total
     for schedule in run.step.scheduler.lr_lambdas:
         schedule.total = total
-    epochs = -(-total // run.steps_per_epoch)
+    # counted from the epochs trained: a short epoch may have ended the last plan
+    epochs = epochs_done + -(-(total - steps_done) // run.steps_per_epoch)
     run.cfg = run.info.config = dataclasses.replace(run.cfg, epochs=epochs)
     return total
 
@@ -257,10 +285,12 @@ class Run:
     plan: str
     dist: distributed.Dist
     runtime: Runtime
+    budget: Budget | None = None  # a time budget, re-planned after each epoch
 
 
 def build_run(cfg: Config, ckpt: dict | None, dist, runtime: Runtime,
-              dataset: Dataset | None = None) -> Run:
+              dataset: Dataset | None = None, started: float | None = None) -> Run:
+    """`started`: the time.perf_counter() a time budget counts from (default: now)."""
     cfg, ds, model, model_args, mean, std = prepare(cfg, runtime, dataset)
     if ckpt is None:
         start_weights(model, cfg, ds)
@@ -271,12 +301,13 @@ def build_run(cfg: Config, ckpt: dict | None, dist, runtime: Runtime,
     per_epoch = len(batch_order(len(train_data), cfg.batch_size, torch.Generator(), dist.world,
                                 cfg.drop_last))
     augment = Augment.from_config(cfg, mean, std)
+    budget = Budget.of(cfg, started) if ckpt is None else None  # a resume keeps its plan
     if ckpt is not None:
         total = ckpt["train_state"]["total_steps"]
         plan = f"{total} steps"
-    elif cfg.time_budget is not None:
+    elif budget is not None:
         total, plan = plan_steps(model, wrapper(cfg, dist, runtime), train_data, cfg, augment,
-                                 mean, std, runtime, per_epoch, dist)
+                                 mean, std, runtime, per_epoch, budget, len(val_data), dist)
         cfg = dataclasses.replace(cfg, epochs=-(-total // per_epoch))
     else:
         total = cfg.epochs * per_epoch
@@ -289,7 +320,8 @@ def build_run(cfg: Config, ckpt: dict | None, dist, runtime: Runtime,
                      build_ema(model, cfg.ema), scaler=runtime.grad_scaler())
     info = RunInfo.of_run(cfg, ds, mean, std, model_args, processes=dist.world)
     return Run(cfg, info, ds, model, train_data, val_data, step,
-                torch.Generator().manual_seed(cfg.seed), per_epoch, total, plan, dist, runtime)
+               torch.Generator().manual_seed(cfg.seed), per_epoch, total, plan, dist, runtime,
+               budget)
 
 
 def wrapper(cfg: Config, dist: distributed.Dist, runtime: Runtime):

@@ -45,7 +45,8 @@ class TrainResult:
 def train(config: Config | None = None, *, resume: str | Path | None = None,
           nproc: int | None = None, log: Callable[[str], None] = print,
           progress: bool | None = None, dataset: Dataset | None = None,
-          on_epoch: Callable[[dict], None] | None = None, **overrides) -> TrainResult:
+          on_epoch: Callable[[dict], None] | None = None, started: float | None = None,
+          **overrides) -> TrainResult:
     """Train a model. Pass a Config, or a recipe name and settings:
     `cnnkit.train(data="digits", epochs=3)`; see `cnnkit.Config` for every setting.
     `resume=RUN` continues an interrupted run from its last completed epoch.
@@ -56,7 +57,10 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     of loading cfg.data, which still names the run and its source. `on_epoch(row)` is
     called with each epoch's metrics and `epochs`, the run's planned epochs (a time budget
     re-plans them), once the epoch is saved; an exception it raises ends the run there
-    (cnnkit tune's pruning), its saved epochs kept."""
+    (cnnkit tune's pruning), its saved epochs kept. A time budget counts from `started`, a
+    time.perf_counter() reading (default: this call; the CLI passes its process' start),
+    and covers everything until the run is written: start-up, data, every epoch's
+    evaluation, the final TTA and the report."""
     dist = distributed.from_env()
     if resume is None and distributed.restart_count() > 0:
         # torchrun's elastic agent restarted this job's workers (a rank died, a machine
@@ -89,7 +93,7 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     progress = interactive() if progress is None else progress
     with distributed.process_group(dist, runtime.device, cfg.dist_timeout):
         return _train(cfg, ckpt, resume, dist, runtime, log if dist.main else _silent,
-                      progress and dist.main, dataset, on_epoch)
+                      progress and dist.main, dataset, on_epoch, started)
 
 
 def resume_after_restart(cfg: Config, dist: distributed.Dist) -> tuple[Path | None, str]:
@@ -114,8 +118,9 @@ def _silent(message: str) -> None:
 
 
 def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, log,
-           progress: bool, dataset: Dataset | None = None, on_epoch=None) -> TrainResult:
-    run = build_run(cfg, ckpt, dist, runtime, dataset)
+           progress: bool, dataset: Dataset | None = None, on_epoch=None,
+           started: float | None = None) -> TrainResult:
+    run = build_run(cfg, ckpt, dist, runtime, dataset, started)
     cfg, ds, model, step = run.cfg, run.ds, run.model, run.step
     result = TrainResult(Path(resume) if resume else None, cfg)
     first_epoch, steps_done = 0, 0
@@ -178,7 +183,9 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
     multi, key = run.ds.multi_label, _selected_by(run.ds)
     best = max((m[key] for m in result.metrics), default=-1.0)
     epoch, ev = first_epoch, None
-    replanning = cfg.time_budget is not None and first_epoch == 0  # a resume keeps its plan
+    # a time budget's evaluation (and checkpoint) cost: a forward pass of the validation
+    # images reckoned at a third of a training step's per image, until one is measured
+    after_training = None
     table = EpochTable(cfg.epochs, run.ds.val_name, top5=len(run.ds.classes) > 5 and not multi,
                        mean_ap=multi)
     try:
@@ -207,9 +214,11 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
             lr = current_lr(step.scheduler, cfg.lr)
             trained_steps = min(run.steps_per_epoch, run.total_steps - steps_done)
             steps_done += trained_steps
-            if replanning:
-                replan(run, [m["seconds"] for m in result.metrics] + [seconds], steps_done,
-                       trained_steps)
+            if run.budget is not None:
+                pace = seconds / max(trained_steps, 1)
+                replan(run, run.budget, pace, after_training if after_training is not None
+                       else pace * len(run.val_data) / cfg.batch_size / 3, steps_done,
+                       epoch + 1)
                 table.epochs = run.cfg.epochs
             evaluated = step.ema.module if step.ema is not None else model
             distributed.sync_buffers(dist, evaluated)
@@ -241,6 +250,7 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
                           f"(tta {cfg.tta})" if cfg.tta and last else ""))
             if on_epoch is not None:
                 on_epoch(dict(row, epochs=run.cfg.epochs))
+            after_training = time.perf_counter() - start
             if cfg.patience and _epochs_since_best(result.metrics, key) >= cfg.patience and \
                     not last:
                 log(f"stopping early: {run.ds.val_name} {'mAP' if multi else 'accuracy'} has "

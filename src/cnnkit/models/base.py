@@ -45,8 +45,8 @@ class Classifier(nn.Module):
         called once before training (fastnet's whitening conv). Default: nothing."""
 
     def warmup_epochs(self, cfg: "Config") -> int:
-        """How many first epochs train another set of parameters than the rest (0: none);
-        `plan_steps` times both phases."""
+        """How many first epochs train another set of parameters than the rest (0: none),
+        as `on_epoch` switches them."""
         return 0
 
     def on_epoch(self, epoch: int, cfg: "Config") -> None:

@@ -95,13 +95,11 @@ class FastNet(Classifier):
             self.whiten.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
 
 
-# Narrower on the CPU, where compute, not memory traffic, is the limit, and narrower still
-# for time budgets under 45 s there, where more epochs of a smaller net win
-# (benchmarks/RESULTS.md, section 9).
+# Narrower on the CPU, where compute, not memory traffic, is the limit (benchmarks/RESULTS.md,
+# sections 9 and 23).
 @register_model("fastnet", "airbench-style net: frozen patch-whitening conv, 3 conv groups, "
                 "widths from --width (default 64,256,256)",
-                widths={"cpu": "40,160,160", "cuda": "64,256,256"},
-                short_widths={"cpu": (45.0, "32,128,128")})
+                widths={"cpu": "32,128,128", "cuda": "64,256,256"})
 def fastnet(num_classes=10, in_channels=3, image_size=(32, 32), widths=None):
     widths = tuple(widths) if widths else (64, 256, 256)
     if len(widths) < 1 or min(widths) < 1:

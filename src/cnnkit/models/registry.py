@@ -29,30 +29,22 @@ class ModelEntry:
     pretrained_classes: Callable[[], list[str]] | None = None  # the names of their head's classes
     # --width when none is given, per device type (measured fastest there); else the model's own
     widths: dict[str, str] | None = None
-    # ... and under a --time-budget shorter than these seconds: (seconds, widths) per device
-    # type (a narrower net trains more epochs in a short budget)
-    short_widths: dict[str, tuple[float, str]] | None = None
 
-    def default_width(self, device_type: str, time_budget: float | None) -> str | None:
-        limit, narrow = (self.short_widths or {}).get(device_type, (0.0, None))
-        if time_budget is not None and time_budget < limit:
-            return narrow
+    def default_width(self, device_type: str) -> str | None:
         return (self.widths or {}).get(device_type)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, description: str = "", widths: dict[str, str] | None = None,
-                   short_widths: dict[str, tuple[float, str]] | None = None):
+def register_model(name: str, description: str = "", widths: dict[str, str] | None = None):
     """Decorator: register a builder `fn(num_classes, in_channels, image_size, **kw)`;
-    `widths` maps a device type to the --width it uses when none is given, `short_widths`
-    to (seconds, --width) for time budgets shorter than that."""
+    `widths` maps a device type to the --width it uses when none is given."""
     def wrap(fn):
         if name in _REGISTRY:
             raise ValueError(f"model name {name!r} is already registered")
         _REGISTRY[name] = ModelEntry(name, fn, description or (fn.__doc__ or "").strip(),
-                                     widths=widths, short_widths=short_widths)
+                                     widths=widths)
         return fn
     return wrap
 
