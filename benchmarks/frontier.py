@@ -11,7 +11,7 @@ with their training seconds alone (cnnkit: metrics.csv; the anchor: its own time
     git clone https://github.com/KellerJordan/cifar10-airbench /tmp/airbench  # not in our tree
     python benchmarks/frontier.py --anchor-script /tmp/airbench/airbench94_muon.py \
         [--seeds 0 1 2] [--anchor-epochs 8 12 16] [--budgets 10 30] [--data PATH] \
-        [--out benchmarks/frontier.json]
+        [--out benchmarks/frontier-whole.json]
 
 Per seed: the anchor at each of its epoch points; cnnkit's default; cnnkit with
 `--time-budget` set to each anchor point's whole-script seconds (this seed's), then any
@@ -19,7 +19,7 @@ fixed `--budgets`. The targets (Round 3, issue "4 of 6"): the default ≥ the 16
 anchor + 0.5 points in no more than its whole time, and each budget point ≥ its anchor
 point + 0.5. Without `--anchor-script`, benchmarks/airbench94.py's re-implementation runs
 in this process instead (training seconds only). Writes a markdown table,
-benchmarks/frontier.png and the raw rows. Run it alone on the machine.
+the raw rows (--out) and their plot beside them. Run it alone on the machine.
 """
 from __future__ import annotations
 
@@ -105,7 +105,8 @@ def main():
     p.add_argument("--budgets", nargs="*", type=float, default=[],
                    help="fixed --time-budget points besides the anchor's")
     p.add_argument("--flags", default="", help="extra cnnkit train flags for every cnnkit run")
-    p.add_argument("--out", default=str(HERE / "frontier.json"))
+    p.add_argument("--out", default=str(HERE / "frontier-whole.json"),
+                   help="the raw rows; the plot goes beside it (.png)")
     a = p.parse_args()
     extra = a.flags.split()
     rows = []
@@ -177,7 +178,7 @@ def main():
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(HERE / "frontier.png", dpi=120)
+    fig.savefig(Path(a.out).with_suffix(".png"), dpi=120)
 
 
 if __name__ == "__main__":
