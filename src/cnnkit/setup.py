@@ -179,6 +179,12 @@ class Budget:
         return (0.99 * self.seconds - (time.perf_counter() - self.started)
                 - eval_seconds * (self.eval_passes - 1) - self.after)
 
+    @staticmethod
+    def eval_estimate(pace: float, val_images: int, batch_size: int) -> float:
+        """An evaluation's seconds before one is measured: a forward pass of each
+        validation image, reckoned a third of a training step's cost per image."""
+        return pace * val_images / batch_size / 3
+
     @classmethod
     def of(cls, cfg: Config, started: float | None) -> "Budget | None":
         if cfg.time_budget is None:
@@ -192,8 +198,7 @@ def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runt
                dist: distributed.Dist = distributed.SINGLE) -> tuple[int, str]:
     """How many optimizer steps fit in the time budget, from the time of a few steps of the
     first epoch measured on throw-away copies of the model and optimizer (the run itself is
-    untouched); an evaluation is reckoned a third of a training step per image (a forward
-    pass only). Only a first plan: every epoch re-plans at its own pace (`replan`), so a
+    untouched). Only a first plan: every epoch re-plans at its own pace (`replan`), so a
     later phase that trains more or less (fastnet's whitening bias, a frozen backbone) is
     not timed here, and the few seconds it would take stay in the budget. Under DDP every
     process times its steps (communication included) and rank 0's plan is everyone's."""
@@ -214,7 +219,7 @@ def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runt
     train_one_epoch(net, data, step, max_batches=n, **kw)
     synchronize(runtime)
     pace = (time.perf_counter() - start) / n
-    eval_seconds = pace * val_images / cfg.batch_size / 3
+    eval_seconds = Budget.eval_estimate(pace, val_images, cfg.batch_size)
     total = budget.left(eval_seconds) / (pace + eval_seconds / steps_per_epoch)
     total = max(1, int(total))
     return distributed.broadcast(dist, (total, (

@@ -183,9 +183,7 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
     multi, key = run.ds.multi_label, _selected_by(run.ds)
     best = max((m[key] for m in result.metrics), default=-1.0)
     epoch, ev = first_epoch, None
-    # a time budget's evaluation (and checkpoint) cost: a forward pass of the validation
-    # images reckoned at a third of a training step's per image, until one is measured
-    after_training = None
+    eval_cost = None  # under a time budget: the last epoch's evaluation and checkpoint
     table = EpochTable(cfg.epochs, run.ds.val_name, top5=len(run.ds.classes) > 5 and not multi,
                        mean_ap=multi)
     try:
@@ -216,9 +214,10 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
             steps_done += trained_steps
             if run.budget is not None:
                 pace = seconds / max(trained_steps, 1)
-                replan(run, run.budget, pace, after_training if after_training is not None
-                       else pace * len(run.val_data) / cfg.batch_size / 3, steps_done,
-                       epoch + 1)
+                if eval_cost is None:
+                    eval_cost = run.budget.eval_estimate(pace, len(run.val_data),
+                                                         cfg.batch_size)
+                replan(run, run.budget, pace, eval_cost, steps_done, epoch + 1)
                 table.epochs = run.cfg.epochs
             evaluated = step.ema.module if step.ema is not None else model
             distributed.sync_buffers(dist, evaluated)
@@ -250,7 +249,7 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
                           f"(tta {cfg.tta})" if cfg.tta and last else ""))
             if on_epoch is not None:
                 on_epoch(dict(row, epochs=run.cfg.epochs))
-            after_training = time.perf_counter() - start
+            eval_cost = time.perf_counter() - start
             if cfg.patience and _epochs_since_best(result.metrics, key) >= cfg.patience and \
                     not last:
                 log(f"stopping early: {run.ds.val_name} {'mAP' if multi else 'accuracy'} has "
