@@ -26,6 +26,7 @@ labels, classes) from its working folder; `write_split` writes the dev split the
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -101,10 +102,7 @@ def run(script: Path, workdir: Path, *, epochs: float, batch_size: int, widths, 
     ported = workdir / "airbench94_muon_cpu.py"
     ported.write_text(cpu_port(script.read_text(), epochs=epochs, batch_size=batch_size,
                                widths=tuple(widths), seed=seed, compile=compile))
-    env = None
-    if threads:
-        import os
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     start = time.perf_counter()
     done = subprocess.run([sys.executable, ported.name], cwd=workdir, env=env,
                           capture_output=True, text=True)

@@ -171,28 +171,29 @@ def test_a_time_budget_is_replanned_for_the_whole_command():
     scheduler = build_scheduler(opt, cfg, 50)
     info = SimpleNamespace(config=cfg)
     run = SimpleNamespace(cfg=cfg, info=info, dist=distributed.SINGLE, total_steps=50,
-                          steps_per_epoch=10, step=SimpleNamespace(scheduler=scheduler))
+                          steps_per_epoch=10, step=SimpleNamespace(scheduler=scheduler),
+                          budget=None)
     # the command started 3.05 s ago; 10 s at 0.1 s a step, nothing else to pay for:
     # (9.9 - 3.05) / 0.1 = 68.5 more steps (a little less, as the clock runs on)
-    budget = Budget(10.0, time.perf_counter() - 3.05, eval_passes=1, after=0.0)
-    assert replan(run, budget, pace=0.1, eval_seconds=0.0, steps_done=20, epochs_done=2) == 88
+    run.budget = Budget(10.0, time.perf_counter() - 3.05, eval_passes=1, after=0.0)
+    assert replan(run, pace=0.1, eval_seconds=0.0, steps_done=20, epochs_done=2) == 88
     assert run.total_steps == 88 and run.cfg.epochs == 9 and run.info.config.epochs == 9
     assert all(s.total == 88 for s in scheduler.lr_lambdas)
     # the schedule now ends at step 88; its state is saved with the checkpoint
     assert scheduler.state_dict()["lr_lambdas"][0]["total"] == 88
     # 0.2 s an evaluation, the final one 6 passes (TTA), 1 s of report and exit: 9.9 - 3.05
     # - 0.2 (this epoch's) - 5 * 0.2 - 1 = 4.65 s, at 0.1 + 0.2 / 10 s a step: 38.75 steps
-    budget = Budget(10.0, time.perf_counter() - 3.05, eval_passes=6, after=1.0)
-    assert replan(run, budget, pace=0.1, eval_seconds=0.2, steps_done=20, epochs_done=2) == 58
+    run.budget = Budget(10.0, time.perf_counter() - 3.05, eval_passes=6, after=1.0)
+    assert replan(run, pace=0.1, eval_seconds=0.2, steps_done=20, epochs_done=2) == 58
     assert run.cfg.epochs == 6
     # over budget already: no step more
-    budget = Budget(10.0, time.perf_counter() - 12.0, eval_passes=1, after=0.0)
-    assert replan(run, budget, pace=0.1, eval_seconds=0.0, steps_done=30, epochs_done=3) == 30
+    run.budget = Budget(10.0, time.perf_counter() - 12.0, eval_passes=1, after=0.0)
+    assert replan(run, pace=0.1, eval_seconds=0.0, steps_done=30, epochs_done=3) == 30
     assert run.cfg.epochs == 3
     # 0.55 s left after this epoch's evaluation: not an epoch's 10 steps at 0.1 s and 0.2 s
     # of evaluation, but 3 steps (0.35 s), and an evaluation after them: a short 4th epoch
-    budget = Budget(10.0, time.perf_counter() - 9.15, eval_passes=1, after=0.0)
-    assert replan(run, budget, pace=0.1, eval_seconds=0.2, steps_done=28, epochs_done=3) == 31
+    run.budget = Budget(10.0, time.perf_counter() - 9.15, eval_passes=1, after=0.0)
+    assert replan(run, pace=0.1, eval_seconds=0.2, steps_done=28, epochs_done=3) == 31
     assert run.cfg.epochs == 4
 
 

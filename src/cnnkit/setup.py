@@ -227,14 +227,14 @@ def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runt
         f"{total} steps")))
 
 
-def replan(run: "Run", budget: Budget, pace: float, eval_seconds: float, steps_done: int,
+def replan(run: "Run", pace: float, eval_seconds: float, steps_done: int,
            epochs_done: int) -> int:
     """A time budget re-planned after an epoch's training, at the pace of that epoch and
     the cost of the last evaluation (and checkpoint): the steps that fit in what is left of
     the whole command, so the run ends close to the budget and not after it. The schedule
     stretches or shrinks to the new end. Rank 0's plan is everyone's."""
     # this epoch's evaluation is still to come; the later ones come with their epochs
-    left = budget.left(eval_seconds) - eval_seconds
+    left = run.budget.left(eval_seconds) - eval_seconds
     steps = int(left / (pace + eval_seconds / run.steps_per_epoch))
     if steps < run.steps_per_epoch:  # one more, short epoch pays a whole evaluation
         steps = int((left - eval_seconds) / pace)

@@ -217,7 +217,7 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
                 if eval_cost is None:
                     eval_cost = run.budget.eval_estimate(pace, len(run.val_data),
                                                          cfg.batch_size)
-                replan(run, run.budget, pace, eval_cost, steps_done, epoch + 1)
+                replan(run, pace, eval_cost, steps_done, epoch + 1)
                 table.epochs = run.cfg.epochs
             evaluated = step.ema.module if step.ema is not None else model
             distributed.sync_buffers(dist, evaluated)
