@@ -1,3 +1,4 @@
+import platform
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def test_fast_recipe_is_the_default():
 
 @pytest.mark.parametrize("recipe,device,n,expect", [
     ("fast", "cpu", 4000, dict(epochs=16, batch_size=256, width="32,128,128", lr=0.24,
-                              sgd_lr=0.053 * 256)),
+                              sgd_lr=0.053 * 256, eval_every=4)),
     ("fast", "cuda", 50_000, dict(epochs=8, batch_size=1024, width="64,256,256")),
     # a mid-sized data set keeps about 16 steps an epoch on a GPU too
     ("fast", "cuda", 4068, dict(batch_size=256, sgd_lr=0.053 * 256)),
@@ -80,7 +81,7 @@ def test_fast_recipe_is_the_default():
     ("fast", "cpu", 500, dict(epochs=32)),  # little data: more epochs, at most twice
     ("fast-sgd", "cpu", 4000, dict(epochs=20, batch_size=128, lr=0.2, optimizer="sgd",
                                   sgd_lr=None, warmup=0.23)),
-    ("tutorial", "cpu", 4000, dict(epochs=10, batch_size=32, lr=0.001)),
+    ("tutorial", "cpu", 4000, dict(epochs=10, batch_size=32, lr=0.001, eval_every=1)),
 ])
 def test_recipe_settings_fitted_to_data_and_device(recipe, device, n, expect):
     from cnnkit.recipes import fill_recipe_defaults
@@ -186,6 +187,13 @@ def test_a_time_budget_is_replanned_for_the_whole_command():
     run.budget = Budget(10.0, time.perf_counter() - 3.05, eval_passes=6, after=1.0)
     assert replan(run, pace=0.1, eval_seconds=0.2, steps_done=20, epochs_done=2) == 58
     assert run.cfg.epochs == 6
+    # the same, evaluating every 4th epoch: none is due after epoch 2, and the 4.85 s left
+    # pay the final one (0.2 s) and a quarter of one per epoch, less the quarter the final
+    # one replaces: (4.85 - 0.2 + 0.05) / (0.1 + 0.2 / 40) = 44.8 steps
+    run.budget = Budget(10.0, time.perf_counter() - 3.05, eval_passes=6, after=1.0,
+                        eval_every=4)
+    assert replan(run, pace=0.1, eval_seconds=0.2, steps_done=20, epochs_done=2) == 64
+    assert run.cfg.epochs == 7
     # over budget already: no step more
     run.budget = Budget(10.0, time.perf_counter() - 12.0, eval_passes=1, after=0.0)
     assert replan(run, pace=0.1, eval_seconds=0.0, steps_done=30, epochs_done=3) == 30
@@ -195,6 +203,65 @@ def test_a_time_budget_is_replanned_for_the_whole_command():
     run.budget = Budget(10.0, time.perf_counter() - 9.15, eval_passes=1, after=0.0)
     assert replan(run, pace=0.1, eval_seconds=0.2, steps_done=28, epochs_done=3) == 31
     assert run.cfg.epochs == 4
+
+
+def test_patience_or_another_recipe_evaluates_every_epoch():
+    from cnnkit.recipes import fill_recipe_defaults
+    assert fill_recipe_defaults(make_config(epochs=10), 4000, "cpu").eval_every == 2
+    assert fill_recipe_defaults(make_config(epochs=3), 4000, "cpu").eval_every == 1
+    assert fill_recipe_defaults(make_config(patience=3), 4000, "cpu").eval_every == 1
+    assert fill_recipe_defaults(make_config(eval_every=5), 4000, "cpu").eval_every == 5
+    assert fill_recipe_defaults(make_config(model="tv:resnet18"), 4000, "cpu").eval_every == 1
+    with pytest.raises(cnnkit.CnnkitError, match="--eval-every must be at least 1"):
+        make_config(eval_every=0)
+
+
+def test_a_run_evaluates_every_few_epochs_and_after_the_last(tmp_path):
+    from cnnkit.runs import list_runs, read_metrics
+    lines = []
+    result = cnnkit.train(plots=True, data="digits", epochs=5, eval_every=2, width="8,16,16",
+                          out=str(tmp_path / "r"), log=lines.append)
+    evaluated = [m["epoch"] for m in result.metrics if "val_acc" in m]
+    assert evaluated == [1, 3, 4] and len(result.metrics) == 5
+    assert all(m["val_seconds"] == 0 for m in result.metrics if "val_acc" not in m)
+    # the table shows "-" for an epoch without an evaluation; metrics.csv an empty cell
+    rows = [line.split() for line in lines if line.split()[0][:2] in ("1/", "2/", "3/")]
+    assert rows[0][3:5] == ["-", "-"] and rows[1][3] != "-" and rows[2][3:5] == ["-", "-"]
+    saved = read_metrics(tmp_path / "r")
+    assert [("val_acc" in m) for m in saved] == [False, True, False, True, True]
+    # best.pt is the best of the evaluated epochs
+    best = max((result.metrics[i] for i in evaluated), key=lambda m: m["val_acc"])
+    assert torch.load(tmp_path / "r" / "best.pt", weights_only=True)["epoch"] == best["epoch"]
+    assert result.best_val_acc == best["val_acc"]
+    assert list_runs(tmp_path)[0]["best_val_acc"] == pytest.approx(best["val_acc"])
+    assert (tmp_path / "r" / "curves.png").exists()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_a_training_process_keeps_the_memory_it_frees():
+    """After keep_freed_memory(), 64 MB freed stays in the process (the next step reuses
+    it, no page faults); without it, or when the environment tunes malloc itself, glibc
+    hands it back to the kernel."""
+    import os
+    import subprocess
+    import sys
+    code = ("import os, torch; from cnnkit.device import keep_freed_memory\n"
+            "kept = keep_freed_memory()\n"
+            "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * "
+            "os.sysconf('SC_PAGE_SIZE')\n"
+            "x = torch.ones(2**24); before = rss(); del x\n"
+            "print(kept, (before - rss()) / 2**20)")
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+
+    def freed(**env) -> tuple[str, float]:
+        out = subprocess.run([sys.executable, "-c", code], env={**clean, **env},
+                             capture_output=True, text=True, check=True).stdout.split()
+        return out[0], float(out[1])
+    kept, mb = freed()
+    assert kept == "True" and mb < 8, mb
+    kept, mb = freed(MALLOC_ARENA_MAX="4")  # the user's own malloc settings win
+    assert kept == "False" and mb > 56, mb
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux' /proc")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .version import __version__
 from .config import GROUPS, Config, settings_from_file
+from .device import keep_freed_memory
 from .distributed import from_env, quiet_unless_main
 from .errors import CnnkitError, Interrupted, SettingsError, one_line_warnings
 from .recipes import DEFAULT_RECIPE, RECIPES, fill_recipe_defaults, make_config
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                "an lr")
     # A range test trains ~100 steps of a throw-away copy: no epochs, run folder or evaluation.
     _config_flags(lf, skip=("out", "epochs", "time_budget", "patience", "tensorboard",
-                            "sync_bn", "dist_timeout", "tta", "eval_batch_size"))
+                            "sync_bn", "dist_timeout", "tta", "eval_batch_size", "eval_every"))
     lf.add_argument("--out", default="lr-find.png", help="the plot (default lr-find.png)")
     lf.add_argument("--steps", type=int, default=100, metavar="N",
                     help="most steps of the test; it stops early once the loss diverges "
@@ -376,6 +377,7 @@ def _overrides(args) -> dict:
 
 def cmd_train(args) -> int:
     from .train import train
+    keep_freed_memory()
     if args.resume:
         if args.config:
             raise SettingsError("--resume continues a run with its own settings; drop --config")
@@ -448,6 +450,7 @@ def cmd_predict(args) -> int:
 
 def cmd_doctor(args) -> int:
     from .doctor import DEFAULT_SIMILARITY, doctor
+    keep_freed_memory()
     settings = {k: v for k, v in _overrides(args).items() if v is not None and k not in ("data", "out")}
     doctor(args.data, folds=args.folds, out=args.out, fix=args.fix,
            similarity=args.similarity or DEFAULT_SIMILARITY, **settings)
@@ -456,6 +459,7 @@ def cmd_doctor(args) -> int:
 
 def cmd_tune(args) -> int:
     from .tune import tune
+    keep_freed_memory()
     settings = {k: v for k, v in _overrides(args).items() if v is not None and k != "out"}
     tune(args.trials, out=args.out, space=args.space, study=args.study, storage=args.storage,
          pruner=args.pruner, prune_after=args.prune_after, **settings)

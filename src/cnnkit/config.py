@@ -183,6 +183,10 @@ class Config:
                    group="training")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N", group="training", metavar="DEVICE")
     eval_batch_size: int = _f(500, "images per batch when evaluating", group="evaluation")
+    eval_every: int | None = _f(None, "evaluate on the validation split after every N "
+                                "epochs, and always after the last (default: every epoch; "
+                                "the fast recipes, whose lr decays to the end, every quarter "
+                                "of the run, unless --patience is given)", group="evaluation")
     tensorboard: bool = _f(False, "also write TensorBoard logs into the run folder "
                            "(needs the tensorboard package)", group="output")
     plots: bool = _f(True, "draw the report's pictures when training ends (curves, confusion "
@@ -208,7 +212,7 @@ def field_names() -> list[str]:
 def validate(cfg: Config) -> None:
     """Each setting on its own terms (recipes.check_for_model asks the model's family)."""
     for name in ("epochs", "batch_size", "eval_batch_size", "translate", "cutout",
-                 "freeze_epochs", "patience"):
+                 "freeze_epochs", "patience", "eval_every"):
         low = 0 if name in ("translate", "cutout", "freeze_epochs") else 1
         if getattr(cfg, name) is not None and getattr(cfg, name) < low:
             raise SettingsError(f"--{name.replace('_', '-')} must be at least {low}, "

@@ -47,13 +47,15 @@ def plot_curves(metrics: list[dict], out: Path, title: str = "") -> Path:
     """Loss and accuracy per epoch, train and validation."""
     plt = pyplot()
     epochs = [m["epoch"] for m in metrics]
+    scored = [m for m in metrics if "val_acc" in m]  # the epochs with an evaluation
+    at = [m["epoch"] for m in scored]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "-o", ms=3, label="train")
-    ax_loss.plot(epochs, [m["val_loss"] for m in metrics], "-o", ms=3, label="validation")
+    ax_loss.plot(at, [m["val_loss"] for m in scored], "-o", ms=3, label="validation")
     ax_acc.plot(epochs, [m["train_acc"] * 100 for m in metrics], "-o", ms=3, label="train")
-    ax_acc.plot(epochs, [m["val_acc"] * 100 for m in metrics], "-o", ms=3, label="validation")
-    if all("val_map" in m for m in metrics):  # multi-label
-        ax_acc.plot(epochs, [m["val_map"] * 100 for m in metrics], "-o", ms=3,
+    ax_acc.plot(at, [m["val_acc"] * 100 for m in scored], "-o", ms=3, label="validation")
+    if scored and all("val_map" in m for m in scored):  # multi-label
+        ax_acc.plot(at, [m["val_map"] * 100 for m in scored], "-o", ms=3,
                     label="validation mAP")
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy, %")):
         _integer_epochs(ax)
@@ -163,7 +165,9 @@ def plot_compare(runs: dict[str, list[dict]], out: Path) -> Path:
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for name, metrics in runs.items():
         epochs = [m["epoch"] for m in metrics]
-        ax_acc.plot(epochs, [m["val_acc"] * 100 for m in metrics], "-o", ms=3, label=name)
+        scored = [m for m in metrics if "val_acc" in m]
+        ax_acc.plot([m["epoch"] for m in scored], [m["val_acc"] * 100 for m in scored], "-o",
+                    ms=3, label=name)
         ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "-o", ms=3, label=name)
     for ax, name in ((ax_acc, "validation accuracy, %"), (ax_loss, "training loss")):
         _integer_epochs(ax)

@@ -40,8 +40,9 @@ def _duration(seconds: float) -> str:
 
 @dataclass
 class EpochTable:
-    """One header, then a row per epoch: losses and accuracies, lr, the epoch's seconds
-    (training and evaluation), the time left at the mean pace, and `*` on a new best."""
+    """One header, then a row per epoch: losses and accuracies ("-" where the epoch had no
+    evaluation), lr, the epoch's seconds (training and evaluation), the time left at the
+    mean pace, and `*` on a new best."""
     epochs: int
     val_name: str = "val"
     top5: bool = False
@@ -63,12 +64,14 @@ class EpochTable:
         m = metrics[-1]
         spent = [r["seconds"] + r.get("val_seconds", 0.0) for r in metrics]
         left = sum(spent) / len(spent) * (self.epochs - m["epoch"] - 1)
-        cells = [f"{m['epoch'] + 1}/{self.epochs}", f"{m['train_loss']:.4f}",
-                 f"{m['train_acc']:.4f}", f"{m['val_loss']:.4f}", f"{m['val_acc']:.4f}"]
+        def cell(key: str) -> str:  # "-": an epoch without an evaluation (--eval-every)
+            return f"{m[key]:.4f}" if key in m else "-"
+        cells = [f"{m['epoch'] + 1}/{self.epochs}", cell("train_loss"), cell("train_acc"),
+                 cell("val_loss"), cell("val_acc")]
         if self.top5:
-            cells.append(f"{m.get('val_top5', float('nan')):.4f}")
+            cells.append(cell("val_top5"))
         if self.mean_ap:
-            cells.append(f"{m.get('val_map', float('nan')):.4f}")
+            cells.append(cell("val_map"))
         cells += [f"{m['lr']:.2e}" if "lr" in m else "-", _duration(spent[-1]),
                   _duration(left)]
         line = "".join(f"{c:>{w}}" for c, (_, w) in zip(cells, self._columns()))

@@ -137,6 +137,14 @@ def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str,
         changes["sgd_lr"] = 0.053 * batch
     if cfg.width is None:
         changes["width"] = model_entry(cfg.model).default_width(device_type)
+    if cfg.eval_every is None:
+        # An evaluation of the validation split costs about a tenth of a fast epoch on the
+        # CPU (a fifth of the images, a forward pass each), and the fast recipes' lr decays
+        # to zero, so their last epoch is the one that counts: four evaluations a run, not
+        # sixteen (benchmarks/RESULTS.md section 23). --patience watches every epoch.
+        epochs = changes.get("epochs", cfg.epochs) or 1
+        changes["eval_every"] = max(1, epochs // 4) \
+            if cfg.recipe in FAST and not cfg.patience else 1
     if cfg.freeze_epochs is None:
         # fine-tuning pretrained weights: the new head first, on a frozen backbone
         changes["freeze_epochs"] = int(cfg.recipe == "finetune" and pretrained and not probe)

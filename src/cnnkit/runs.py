@@ -204,7 +204,8 @@ def list_runs(folder: str | Path = "runs") -> list[dict]:
         rows.append({"run": str(run), "model": meta.get("model", "?"),
                      "recipe": meta.get("recipe", "?"), "data": Path(str(meta.get("data"))).name,
                      "epochs": f"{len(metrics)}/{meta.get('epochs', '?')}",
-                     "best_val_acc": max((m["val_acc"] for m in metrics), default=None),
+                     "best_val_acc": max((m["val_acc"] for m in metrics if "val_acc" in m),
+                                         default=None),
                      "train_seconds": sum(m["seconds"] for m in metrics),
                      "date": meta.get("created", "")})
     return sorted(rows, key=lambda r: r["date"], reverse=True)

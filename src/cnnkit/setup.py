@@ -165,12 +165,14 @@ AFTER_SECONDS = {True: 2.5, False: 0.5}
 class Budget:
     """A time budget for the whole command: `seconds` from `started` (a time.perf_counter()
     reading: the process' start under the CLI, train()'s call otherwise). Besides training
-    steps it pays for what already ran (start-up, data, the plan), an evaluation after every
-    epoch, the final one's test-time augmentation, the report and the exit."""
+    steps it pays for what already ran (start-up, data, the plan), the evaluations (after
+    every `eval_every` epochs and the last), the final one's test-time augmentation, the
+    report and the exit."""
     seconds: float
     started: float
     eval_passes: int   # forward passes of each image in the final evaluation (TTA)
     after: float       # the report and the exit, in seconds
+    eval_every: int = 1
 
     def left(self, eval_seconds: float) -> float:
         """Seconds left for training epochs, each with its evaluation: the budget less what
@@ -178,6 +180,19 @@ class Budget:
         in hand for the noise of the paces these are reckoned from."""
         return (0.99 * self.seconds - (time.perf_counter() - self.started)
                 - eval_seconds * (self.eval_passes - 1) - self.after)
+
+    def steps_that_fit(self, pace: float, eval_seconds: float, steps_per_epoch: int,
+                       due: float = 0.0) -> int:
+        """Training steps that fit in what is left at `pace` seconds a step, with the
+        evaluations of `eval_seconds` to come: one every `eval_every` epochs and the final
+        one; `due`, seconds owed first (an evaluation about to run)."""
+        e, k = eval_seconds, self.eval_every
+        left = self.left(e) - due
+        # N more epochs evaluate about (N - 1) / k times, then once at the end
+        steps = int((left - e + e / k) / (pace + e / (steps_per_epoch * k)))
+        if steps < steps_per_epoch:  # one more, short epoch: it pays the final evaluation
+            steps = int((left - e) / pace)
+        return max(0, steps)
 
     @staticmethod
     def eval_estimate(pace: float, val_images: int, batch_size: int) -> float:
@@ -190,7 +205,8 @@ class Budget:
         if cfg.time_budget is None:
             return None
         return cls(cfg.time_budget, time.perf_counter() if started is None else started,
-                   tta_passes(cfg.tta, cfg.flip != "none"), AFTER_SECONDS[bool(cfg.plots)])
+                   tta_passes(cfg.tta, cfg.flip != "none"), AFTER_SECONDS[bool(cfg.plots)],
+                   cfg.eval_every or 1)
 
 
 def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runtime,
@@ -220,8 +236,7 @@ def plan_steps(model, wrap, data, cfg: Config, augment, mean, std, runtime: Runt
     synchronize(runtime)
     pace = (time.perf_counter() - start) / n
     eval_seconds = Budget.eval_estimate(pace, val_images, cfg.batch_size)
-    total = budget.left(eval_seconds) / (pace + eval_seconds / steps_per_epoch)
-    total = max(1, int(total))
+    total = max(1, budget.steps_that_fit(pace, eval_seconds, steps_per_epoch))
     return distributed.broadcast(dist, (total, (
         f"time budget {budget.seconds:g}s (the whole command) at {pace * 1000:.0f} ms/step: "
         f"{total} steps")))
@@ -233,12 +248,10 @@ def replan(run: "Run", pace: float, eval_seconds: float, steps_done: int,
     the cost of the last evaluation (and checkpoint): the steps that fit in what is left of
     the whole command, so the run ends close to the budget and not after it. The schedule
     stretches or shrinks to the new end. Rank 0's plan is everyone's."""
-    # this epoch's evaluation is still to come; the later ones come with their epochs
-    left = run.budget.left(eval_seconds) - eval_seconds
-    steps = int(left / (pace + eval_seconds / run.steps_per_epoch))
-    if steps < run.steps_per_epoch:  # one more, short epoch pays a whole evaluation
-        steps = int((left - eval_seconds) / pace)
-    total = distributed.broadcast(run.dist, steps_done + max(0, steps))
+    # this epoch's evaluation, if it has one, is still to come
+    due = eval_seconds if epochs_done % run.budget.eval_every == 0 else 0.0
+    steps = run.budget.steps_that_fit(pace, eval_seconds, run.steps_per_epoch, due)
+    total = distributed.broadcast(run.dist, steps_done + steps)
     run.total_steps = total
     for schedule in run.step.scheduler.lr_lambdas:
         schedule.total = total

@@ -39,7 +39,7 @@ class TrainResult:
 
     @property
     def best_val_acc(self) -> float:
-        return max((m["val_acc"] for m in self.metrics), default=0.0)
+        return max((m["val_acc"] for m in self.metrics if "val_acc" in m), default=0.0)
 
 
 def train(config: Config | None = None, *, resume: str | Path | None = None,
@@ -166,7 +166,8 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
                 metrics=result.metrics, settings=run.info.to_dict(), pictures=cfg.plots,
                 model=load(run_dir / "last.pt") if cfg.plots else None)
     key = _selected_by(ds)
-    best, last = max(m[key] for m in result.metrics), result.metrics[-1]
+    scored = [m for m in result.metrics if key in m]  # the epochs with an evaluation
+    best, last = max(m[key] for m in scored), scored[-1]
     what = f"mAP {last[key]:.4f} (best {best:.4f}), accuracy {last['val_acc']:.4f}" \
         if key == "val_map" else f"accuracy {last[key]:.4f} (best {best:.4f})"
     log(f"done: {ds.val_name} {what} after {sum(m['seconds'] for m in result.metrics):.1f}s "
@@ -176,14 +177,15 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
 
 def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_dir: Path,
           log, progress: bool, board, on_epoch=None) -> EvalResult | None:
-    """Per epoch: train, evaluate, save, log. Returns the final evaluation."""
+    """Per epoch: train, evaluate (every eval_every epochs and the last), save, log.
+    Returns the final evaluation."""
     cfg, model, step, dist, runtime = run.cfg, run.model, run.step, run.dist, run.runtime
     wrap = wrapper(cfg, dist, runtime)
     net, trained = wrap(model), _trained_set(model)
     multi, key = run.ds.multi_label, _selected_by(run.ds)
-    best = max((m[key] for m in result.metrics), default=-1.0)
+    best = max((m[key] for m in result.metrics if key in m), default=-1.0)
     epoch, ev = first_epoch, None
-    eval_cost = None  # under a time budget: the last epoch's evaluation and checkpoint
+    eval_cost = None  # under a time budget: the last evaluation and its checkpoint
     table = EpochTable(cfg.epochs, run.ds.val_name, top5=len(run.ds.classes) > 5 and not multi,
                        mean_ap=multi)
     try:
@@ -222,22 +224,26 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
             evaluated = step.ema.module if step.ema is not None else model
             distributed.sync_buffers(dist, evaluated)
             start = time.perf_counter()
-            # test-time augmentation: final epoch only
+            # every eval_every epochs and the last, which alone has test-time augmentation
             last = steps_done >= run.total_steps or cfg.linear_probe
-            ev = evaluate_split(evaluated, run.val_data, mean=step.mean, std=step.std,
-                                runtime=runtime, num_classes=len(run.ds.classes),
-                                batch_size=cfg.eval_batch_size, tta=cfg.tta if last else 0,
-                                mirror=cfg.flip != "none", dist=dist, progress=progress)
             row = dict(epoch=epoch, train_loss=stats.loss, train_acc=stats.accuracy,
-                       val_loss=ev.loss, val_acc=ev.accuracy, seconds=seconds,
-                       val_seconds=time.perf_counter() - start, lr=lr,
-                       **({"val_top5": ev.top5} if ev.top5 is not None else {}),
-                       **({"val_map": ev.mean_ap} if ev.mean_ap is not None else {}))
+                       seconds=seconds, val_seconds=0.0, lr=lr)
+            if last or (epoch + 1) % (cfg.eval_every or 1) == 0:
+                ev = evaluate_split(evaluated, run.val_data, mean=step.mean, std=step.std,
+                                    runtime=runtime, num_classes=len(run.ds.classes),
+                                    batch_size=cfg.eval_batch_size, tta=cfg.tta if last else 0,
+                                    mirror=cfg.flip != "none", dist=dist, progress=progress)
+                row.update(val_loss=ev.loss, val_acc=ev.accuracy,
+                           val_seconds=time.perf_counter() - start,
+                           **({"val_top5": ev.top5} if ev.top5 is not None else {}),
+                           **({"val_map": ev.mean_ap} if ev.mean_ap is not None else {}))
             result.metrics.append(row)
-            improved, best = row[key] > best, max(best, row[key])
+            improved = key in row and row[key] > best
+            best = max(best, row.get(key, best))
             if dist.main:
+                # an epoch without an evaluation keeps the last one's thresholds
                 save_epoch(run_dir, build_checkpoint(run.info, evaluated, epoch, row,
-                                                     ev.thresholds), improved,
+                                                     ev.thresholds if ev else None), improved,
                            training_state(model, step.optimizer, step.scheduler, step.ema,
                                           run.generator, runtime.device, steps_done,
                                           run.total_steps, result.metrics, step.scaler))
@@ -249,9 +255,10 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
                           f"(tta {cfg.tta})" if cfg.tta and last else ""))
             if on_epoch is not None:
                 on_epoch(dict(row, epochs=run.cfg.epochs))
-            eval_cost = time.perf_counter() - start
-            if cfg.patience and _epochs_since_best(result.metrics, key) >= cfg.patience and \
-                    not last:
+            if key in row:
+                eval_cost = time.perf_counter() - start
+            if cfg.patience and key in row and \
+                    _epochs_since_best(result.metrics, key) >= cfg.patience and not last:
                 log(f"stopping early: {run.ds.val_name} {'mAP' if multi else 'accuracy'} has "
                     f"not improved for "
                     f"{cfg.patience} epochs (best {best:.4f}, kept in best.pt); train every "
@@ -270,8 +277,9 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
 
 
 def _epochs_since_best(metrics: list[dict], key: str = "val_acc") -> int:
-    accs = [m[key] for m in metrics]
-    return len(accs) - 1 - accs.index(max(accs))
+    """Epochs from the best evaluation to the last one."""
+    scored = [m for m in metrics if key in m]
+    return scored[-1]["epoch"] - max(scored, key=lambda m: m[key])["epoch"]
 
 
 def _selected_by(ds: Dataset) -> str:

@@ -132,6 +132,8 @@ def tune(trials: int = 20, *, out: str | Path = "tune", space: str | Path | dict
             # Trials are compared at the same share of their schedules, not the same epoch:
             # at a time budget a narrower net runs more epochs, and each schedule decays its
             # lr to its own end. Each 10% of the schedule passed gets the accuracy so far.
+            if key not in row:  # an epoch without an evaluation (--eval-every)
+                return
             done = 100 * (row["epoch"] + 1) // row["epochs"]
             for mark in range(10, done + 1, 10):
                 if mark not in marks:
