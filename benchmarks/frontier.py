@@ -3,7 +3,7 @@ on the real CIFAR-10 subset (../shared/data), its dev split (20% of the training
 out, drawn by the seed), several seeds.
 
 Every point is a whole command, timed from the process' start to its exit: `cnnkit train`
-(Python's start, imports, data, every epoch's evaluation, TTA, checkpoints, report) and the
+(Python's start, imports, data, its evaluations, TTA, checkpoints, report) and the
 published airbench94_muon.py moved to the CPU (benchmarks/real_anchor.py; its whitening,
 training, per-epoch evaluation and TTA, in a process of its own). Both are also given
 with their training seconds alone (cnnkit: metrics.csv; the anchor: its own timer).

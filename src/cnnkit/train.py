@@ -59,8 +59,8 @@ def train(config: Config | None = None, *, resume: str | Path | None = None,
     re-plans them), once the epoch is saved; an exception it raises ends the run there
     (cnnkit tune's pruning), its saved epochs kept. A time budget counts from `started`, a
     time.perf_counter() reading (default: this call; the CLI passes its process' start),
-    and covers everything until the run is written: start-up, data, every epoch's
-    evaluation, the final TTA and the report."""
+    and covers everything until the run is written: start-up, data, the evaluations, the
+    final TTA and the report."""
     dist = distributed.from_env()
     if resume is None and distributed.restart_count() > 0:
         # torchrun's elastic agent restarted this job's workers (a rank died, a machine
@@ -242,8 +242,9 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
             best = max(best, row.get(key, best))
             if dist.main:
                 # an epoch without an evaluation keeps the last one's thresholds
+                thresholds = ev.thresholds if ev is not None else None
                 save_epoch(run_dir, build_checkpoint(run.info, evaluated, epoch, row,
-                                                     ev.thresholds if ev else None), improved,
+                                                     thresholds), improved,
                            training_state(model, step.optimizer, step.scheduler, step.ema,
                                           run.generator, runtime.device, steps_done,
                                           run.total_steps, result.metrics, step.scaler))
