@@ -82,11 +82,12 @@ def keep_freed_memory() -> bool:
     A training step allocates and frees the same large activation buffers again and again.
     glibc's malloc serves those over its mmap threshold (at most 32 MB) with fresh pages
     from the kernel and hands them back on free, and gives the top of its heap back too, so
-    every step page-faults its memory in again: 2.3 million faults in six fast epochs on the
-    CPU here. Served from the heap and never trimmed, the buffers are reused as they are:
-    training ran 5-8% faster, for a peak resident size 25% higher (benchmarks/RESULTS.md
-    section 23). For a training command's process, not a library's host: the CLI calls it.
-    An allocator the environment already chose (MALLOC_* or GLIBC_TUNABLES variables, an
+    every step page-faults its memory in again: 2-3 million faults in six fast epochs on
+    the CPU here. Served from the heap and never trimmed, the buffers are reused as they
+    are: training ran 9% faster, for a peak resident size 23% higher (benchmarks/RESULTS.md
+    section 23). For a process that cnnkit runs to train, not a library's host: the CLI's
+    training commands call it, and so does each process `train(nproc=N)` spawns. An
+    allocator the environment already chose (MALLOC_* or GLIBC_TUNABLES variables, an
     LD_PRELOAD) is left as it is. Returns whether the setting was made."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or any(
             k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")

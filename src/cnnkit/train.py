@@ -15,7 +15,7 @@ from . import distributed
 from .checkpoint import build_checkpoint, load, restore_training_state, training_state
 from .config import Config
 from .data import Dataset
-from .device import Runtime, select_runtime, synchronize
+from .device import Runtime, keep_freed_memory, select_runtime, synchronize
 from .engine import EvalResult, NonFiniteLoss, evaluate_split, linear_probe, train_one_epoch
 from .errors import CnnkitError, Interrupted, SettingsError
 from .metrics import evaluation_record
@@ -313,4 +313,5 @@ def _launch(nproc: int, config, resume, progress, overrides) -> TrainResult:
 
 
 def _worker_train(config, resume, progress, overrides) -> TrainResult:
+    keep_freed_memory()  # a process of cnnkit's own, spawned to train: as the CLI's
     return train(config, resume=resume, progress=progress, **overrides)
