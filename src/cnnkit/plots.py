@@ -8,7 +8,7 @@ import torch
 
 from .errors import CnnkitError
 from .metrics import over_thresholds
-from .runs import read_metrics
+from .runs import evaluated, read_metrics
 
 
 def pyplot():
@@ -47,7 +47,7 @@ def plot_curves(metrics: list[dict], out: Path, title: str = "") -> Path:
     """Loss and accuracy per epoch, train and validation."""
     plt = pyplot()
     epochs = [m["epoch"] for m in metrics]
-    scored = [m for m in metrics if "val_acc" in m]  # the epochs with an evaluation
+    scored = evaluated(metrics)
     at = [m["epoch"] for m in scored]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "-o", ms=3, label="train")
@@ -165,7 +165,7 @@ def plot_compare(runs: dict[str, list[dict]], out: Path) -> Path:
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for name, metrics in runs.items():
         epochs = [m["epoch"] for m in metrics]
-        scored = [m for m in metrics if "val_acc" in m]
+        scored = evaluated(metrics)
         ax_acc.plot([m["epoch"] for m in scored], [m["val_acc"] * 100 for m in scored], "-o",
                     ms=3, label=name)
         ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "-o", ms=3, label=name)

@@ -181,6 +181,11 @@ class TensorBoard:
         self.writer.close()
 
 
+def evaluated(metrics: list[dict], key: str = "val_acc") -> list[dict]:
+    """The rows of the epochs that were evaluated (`--eval-every` skips some)."""
+    return [m for m in metrics if key in m]
+
+
 def read_metrics(run: Path) -> list[dict]:
     with open(Path(run) / "metrics.csv", newline="") as f:
         return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v != ""}
@@ -204,7 +209,7 @@ def list_runs(folder: str | Path = "runs") -> list[dict]:
         rows.append({"run": str(run), "model": meta.get("model", "?"),
                      "recipe": meta.get("recipe", "?"), "data": Path(str(meta.get("data"))).name,
                      "epochs": f"{len(metrics)}/{meta.get('epochs', '?')}",
-                     "best_val_acc": max((m["val_acc"] for m in metrics if "val_acc" in m),
+                     "best_val_acc": max((m["val_acc"] for m in evaluated(metrics)),
                                          default=None),
                      "train_seconds": sum(m["seconds"] for m in metrics),
                      "date": meta.get("created", "")})

@@ -23,8 +23,8 @@ from .optim import current_lr
 from .progress import EpochTable, interactive
 from .recipes import make_config
 from .report import write_report
-from .runs import (RunFolder, TensorBoard, clear_unstarted, last_saved_epoch, save_epoch,
-                   write_config)
+from .runs import (RunFolder, TensorBoard, clear_unstarted, evaluated, last_saved_epoch,
+                   save_epoch, write_config)
 from .setup import (Run, build_run, check_processes, preflight, replan, resume_settings,
                     wrapper)
 
@@ -39,7 +39,7 @@ class TrainResult:
 
     @property
     def best_val_acc(self) -> float:
-        return max((m["val_acc"] for m in self.metrics if "val_acc" in m), default=0.0)
+        return max((m["val_acc"] for m in evaluated(self.metrics)), default=0.0)
 
 
 def train(config: Config | None = None, *, resume: str | Path | None = None,
@@ -166,7 +166,7 @@ def _train(cfg: Config, ckpt, resume, dist: distributed.Dist, runtime: Runtime, 
                 metrics=result.metrics, settings=run.info.to_dict(), pictures=cfg.plots,
                 model=load(run_dir / "last.pt") if cfg.plots else None)
     key = _selected_by(ds)
-    scored = [m for m in result.metrics if key in m]  # the epochs with an evaluation
+    scored = evaluated(result.metrics, key)
     best, last = max(m[key] for m in scored), scored[-1]
     what = f"mAP {last[key]:.4f} (best {best:.4f}), accuracy {last['val_acc']:.4f}" \
         if key == "val_map" else f"accuracy {last[key]:.4f} (best {best:.4f})"
@@ -183,7 +183,7 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
     wrap = wrapper(cfg, dist, runtime)
     net, trained = wrap(model), _trained_set(model)
     multi, key = run.ds.multi_label, _selected_by(run.ds)
-    best = max((m[key] for m in result.metrics if key in m), default=-1.0)
+    best = max((m[key] for m in evaluated(result.metrics, key)), default=-1.0)
     epoch, ev = first_epoch, None
     eval_cost = None  # under a time budget: the last evaluation and its checkpoint
     table = EpochTable(cfg.epochs, run.ds.val_name, top5=len(run.ds.classes) > 5 and not multi,
@@ -221,15 +221,15 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
                                                          cfg.batch_size)
                 replan(run, pace, eval_cost, steps_done, epoch + 1)
                 table.epochs = run.cfg.epochs
-            evaluated = step.ema.module if step.ema is not None else model
-            distributed.sync_buffers(dist, evaluated)
+            eval_model = step.ema.module if step.ema is not None else model
+            distributed.sync_buffers(dist, eval_model)
             start = time.perf_counter()
             # every eval_every epochs and the last, which alone has test-time augmentation
             last = steps_done >= run.total_steps or cfg.linear_probe
             row = dict(epoch=epoch, train_loss=stats.loss, train_acc=stats.accuracy,
                        seconds=seconds, val_seconds=0.0, lr=lr)
             if last or (epoch + 1) % (cfg.eval_every or 1) == 0:
-                ev = evaluate_split(evaluated, run.val_data, mean=step.mean, std=step.std,
+                ev = evaluate_split(eval_model, run.val_data, mean=step.mean, std=step.std,
                                     runtime=runtime, num_classes=len(run.ds.classes),
                                     batch_size=cfg.eval_batch_size, tta=cfg.tta if last else 0,
                                     mirror=cfg.flip != "none", dist=dist, progress=progress)
@@ -243,7 +243,7 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
             if dist.main:
                 # an epoch without an evaluation keeps the last one's thresholds
                 thresholds = ev.thresholds if ev is not None else None
-                save_epoch(run_dir, build_checkpoint(run.info, evaluated, epoch, row,
+                save_epoch(run_dir, build_checkpoint(run.info, eval_model, epoch, row,
                                                      thresholds), improved,
                            training_state(model, step.optimizer, step.scheduler, step.ema,
                                           run.generator, runtime.device, steps_done,
@@ -279,7 +279,7 @@ def _loop(run: Run, result: TrainResult, first_epoch: int, steps_done: int, run_
 
 def _epochs_since_best(metrics: list[dict], key: str = "val_acc") -> int:
     """Epochs from the best evaluation to the last one."""
-    scored = [m for m in metrics if key in m]
+    scored = evaluated(metrics, key)
     return scored[-1]["epoch"] - max(scored, key=lambda m: m[key])["epoch"]
 
 
