@@ -12,6 +12,7 @@ with their training seconds alone (cnnkit: metrics.csv; the anchor: its own time
     python benchmarks/frontier.py --anchor-script /tmp/airbench/airbench94_muon.py \
         [--seeds 0 1 2] [--anchor-epochs 8 12 16] [--budgets 10 30] [--data PATH] \
         [--out benchmarks/frontier-whole.json]
+    python benchmarks/frontier.py --rows A.json B.json [--out AB.json]  # saved rows together
 
 Per seed: the anchor at each of its epoch points; cnnkit's default; cnnkit with
 `--time-budget` set to each anchor point's whole-script seconds (this seed's), then any
@@ -95,6 +96,24 @@ def mean(rows: list[dict], key: str) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def paired(rows: list[dict], label: str, anchor_label: str) -> tuple[float, float, list[float]]:
+    """`label`'s accuracy minus `anchor_label`'s, seed by seed (points): their mean, its
+    standard error and the differences. A seed draws the dev split, so pairing by seed
+    takes the split's difficulty out of the comparison; what is left is each run's own
+    noise."""
+    by_seed = {r["seed"]: r["val_acc"] for r in rows if r["label"] == anchor_label}
+    diffs = [100 * (r["val_acc"] - by_seed[r["seed"]]) for r in rows
+             if r["label"] == label and r["seed"] in by_seed]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return statistics.mean(diffs), se, diffs
+
+
+def describe(diff: tuple[float, float, list[float]]) -> str:
+    m, se, diffs = diff
+    return (f"seed by seed {' / '.join(f'{d:+.1f}' for d in diffs)}: {m:+.2f} ± {se:.2f} "
+            f"(standard error)")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data", default=str(DEFAULT_DATA))
@@ -105,11 +124,21 @@ def main():
     p.add_argument("--budgets", nargs="*", type=float, default=[],
                    help="fixed --time-budget points besides the anchor's")
     p.add_argument("--flags", default="", help="extra cnnkit train flags for every cnnkit run")
-    p.add_argument("--out", default=str(HERE / "frontier-whole.json"),
-                   help="the raw rows; the plot goes beside it (.png)")
+    p.add_argument("--out", default=None,
+                   help="the raw rows; the plot goes beside it (.png) (default: "
+                        "benchmarks/frontier-whole.json; with --rows, none)")
+    p.add_argument("--rows", nargs="+", type=Path,
+                   help="run nothing: the table, targets and plot of rows saved by earlier "
+                        "runs (other seeds' files together)")
     a = p.parse_args()
     extra = a.flags.split()
     rows = []
+    if a.rows:
+        for path in a.rows:
+            rows += json.loads(path.read_text())
+        a.seeds = []
+    elif a.out is None:
+        a.out = str(HERE / "frontier-whole.json")
     for seed in a.seeds:  # seed for seed: each seed's points, the anchor's included, together
         anchors = []
         for e in a.anchor_epochs:
@@ -143,19 +172,22 @@ def main():
               f"{'–' if whole is None else f'{whole:.1f}'} | {train:.1f} | "
               f"{'–'.join(f'{e:g}' for e in (epochs[0], epochs[-1])) if len(epochs) > 1 else f'{epochs[0]:g}'} |")
 
-    print("\nTargets (means over seeds):")
+    print("\nTargets (means over seeds; then cnnkit minus the anchor, paired by seed):")
     for e in a.anchor_epochs:
-        anchor = summary[f"airbench94_muon {e:g} epochs"]
-        budget = summary[f"cnnkit --time-budget = anchor {e:g} epochs' time"]
+        anchor_label = f"airbench94_muon {e:g} epochs"
+        budget_label = f"cnnkit --time-budget = anchor {e:g} epochs' time"
+        anchor, budget = summary[anchor_label], summary[budget_label]
         print(f"  budget at the anchor's {e:g}-epoch time: {budget[0] * 100:.2f}% against "
               f"{anchor[0] * 100:.2f}% + 0.5 ({(budget[0] - anchor[0]) * 100:+.2f} points) "
               f"{'met' if budget[0] - anchor[0] >= 0.005 else 'NOT met'}; whole "
-              f"{budget[1]:.1f} s against {anchor[1] or anchor[2]:.1f} s")
-    top = summary[f"airbench94_muon {max(a.anchor_epochs):g} epochs"]
-    default = summary["cnnkit default"]
+              f"{budget[1]:.1f} s against {anchor[1] or anchor[2]:.1f} s; "
+              f"{describe(paired(rows, budget_label, anchor_label))}")
+    top_label = f"airbench94_muon {max(a.anchor_epochs):g} epochs"
+    top, default = summary[top_label], summary["cnnkit default"]
     ok = default[0] - top[0] >= 0.005 and default[1] <= (top[1] or top[2])
     print(f"  default: {default[0] * 100:.2f}% in {default[1]:.1f} s against "
-          f"{top[0] * 100:.2f}% in {(top[1] or top[2]):.1f} s: {'met' if ok else 'NOT met'}")
+          f"{top[0] * 100:.2f}% in {(top[1] or top[2]):.1f} s: {'met' if ok else 'NOT met'}; "
+          f"{describe(paired(rows, 'cnnkit default', top_label))}")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in labels:
@@ -178,7 +210,10 @@ def main():
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(Path(a.out).with_suffix(".png"), dpi=120)
+    if a.out:
+        if a.rows:
+            Path(a.out).write_text(json.dumps(rows, indent=2))
+        fig.savefig(Path(a.out).with_suffix(".png"), dpi=120)
 
 
 if __name__ == "__main__":
