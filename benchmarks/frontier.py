@@ -134,6 +134,8 @@ def main():
     extra = a.flags.split()
     rows = []
     if a.rows:
+        if a.out and Path(a.out).resolve() in {path.resolve() for path in a.rows}:
+            raise SystemExit(f"--out {a.out} is one of the --rows files; give another name")
         for path in a.rows:
             rows += json.loads(path.read_text())
         a.seeds = []
