@@ -1,0 +1,161 @@
+"""The default recipe with one setting changed at a time, on the dev split of the CIFAR-10
+subset (20% of the training images held out, drawn by the seed), several seeds, in this
+process: each change's dev accuracy seed by seed and its difference from the default,
+paired by seed (frontier.paired). How RESULTS section 23's "Tried" tables are measured.
+
+    python benchmarks/knobs.py --seeds 0 1 2 3 4 5 \
+        --try 'e18={"epochs": 18}' 'w36={"width": "36,144,144"}' \
+        [--reuse knobs.json ...] [--out knobs.json]
+
+A change is LABEL=JSON, the JSON being keyword arguments of `cnnkit.train`. The default
+(label "default") runs first on each seed unless a --reuse file holds it: on the CPU a seed
+gives the same run, so saved rows stand for a rerun, and any (label, seed) found in them is
+not run again. --out is rewritten after every run, so a stopped sweep keeps its rows; given
+the same file as --reuse, it resumes where it stopped. With --out, the table's points are
+plotted beside it (.png).
+
+One change is not a cnnkit setting: "early_crop": [S, K] trains the first K epochs on random
+S×S crops of the augmented batches (progressive resizing: those epochs cost about (S/32)²).
+It lives here, not in cnnkit, because it did not pay: measured in RESULTS section 23.
+
+Training seconds are metrics.csv's, with the freed memory kept as `cnnkit train` keeps it;
+the whole command is frontier.py's to time. Run it alone on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import cnnkit  # noqa: E402
+import cnnkit.transforms  # noqa: E402
+from cnnkit.device import keep_freed_memory  # noqa: E402
+from frontier import DEFAULT_DATA, describe, mean, paired  # noqa: E402
+
+
+def early_crops(size: int, epochs: int, seed: int):
+    """Augment.apply wrapped to cut a random size×size window from every image in the first
+    `epochs` epochs (the window drawn per image, from a generator of this seed's own)."""
+    apply = cnnkit.transforms.Augment.apply
+    generator = torch.Generator().manual_seed(1000 + seed)
+
+    def cropped(self, x, index, epoch, draws, seed=0):
+        x = apply(self, x, index, epoch, draws, seed)
+        if epoch >= epochs or min(x.shape[-2:]) <= size:
+            return x
+        n = len(x)
+        dy, dx = (torch.randint(0, s - size + 1, (n,), generator=generator)
+                  for s in x.shape[-2:])
+        windows = x.unfold(2, size, 1).unfold(3, size, 1)  # N C H' W' size size
+        return windows[torch.arange(n), :, dy, dx]
+    return apply, cropped
+
+
+def run(label: str, overrides: dict, seed: int, data: str) -> dict:
+    overrides = dict(overrides)
+    crop = overrides.pop("early_crop", None)
+    if crop:
+        apply, cnnkit.transforms.Augment.apply = early_crops(*crop, seed)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = cnnkit.train(data=data, val_fraction=0.2, seed=seed, out=f"{tmp}/run",
+                                  plots=False, log=lambda line: None, progress=False,
+                                  **overrides)
+    finally:
+        if crop:
+            cnnkit.transforms.Augment.apply = apply
+    return dict(label=label, seed=seed, overrides=overrides | ({"early_crop": crop} if crop else {}),
+                val_acc=result.metrics[-1]["val_acc"], epochs=len(result.metrics),
+                train_seconds=sum(m["seconds"] for m in result.metrics))
+
+
+def parse_change(text: str) -> tuple[str, dict]:
+    label, sep, spec = text.partition("=")
+    if not sep or not label:
+        raise SystemExit(f"--try {text!r}: give LABEL=JSON, e.g. 'e18={{\"epochs\": 18}}'")
+    try:
+        overrides = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--try {text!r}: its JSON does not parse ({e})")
+    if not isinstance(overrides, dict):
+        raise SystemExit(f"--try {text!r}: the JSON must be an object of train() settings")
+    return label, overrides
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5])
+    p.add_argument("--try", dest="changes", nargs="*", default=[], metavar="LABEL=JSON")
+    p.add_argument("--reuse", nargs="*", type=Path, default=[],
+                   help="saved rows (this script's --out) not to run again")
+    p.add_argument("--out", type=Path, default=None, help="write the rows here (JSON)")
+    args = p.parse_args()
+    keep_freed_memory()  # as the `cnnkit train` command does: its training seconds
+
+    changes = [("default", {})] + [parse_change(c) for c in args.changes]
+    rows = [r for path in args.reuse for r in json.loads(path.read_text())]
+    done = {(r["label"], r["seed"]) for r in rows}
+    for label, overrides in changes:
+        for seed in args.seeds:
+            if (label, seed) in done:
+                continue
+            rows.append(run(label, overrides, seed, args.data))
+            done.add((label, seed))
+            r = rows[-1]
+            print(f"{label} seed {seed}: {100 * r['val_acc']:.2f}% in {r['train_seconds']:.1f} s "
+                  f"of training, {r['epochs']} epochs", flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+    labels = list(dict.fromkeys(["default"] + [r["label"] for r in rows] +
+                                [label for label, _ in changes]))
+    these = [r for r in rows if r["seed"] in args.seeds]
+    print("\n| change | seeds | mean dev acc | per seed | training s (mean) | "
+          "minus the default, paired |")
+    print("|---|---|---|---|---|---|")
+    points = []
+    for label in labels:
+        mine = sorted((r for r in these if r["label"] == label), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        accs = [100 * r["val_acc"] for r in mine]
+        diff = paired(these, label, "default") if label != "default" else None
+        seconds = mean(mine, "train_seconds")
+        print(f"| {label} | {len(mine)} | {statistics.mean(accs):.2f}% | "
+              f"{' / '.join(f'{a:.1f}' for a in accs)} | "
+              f"{'-' if seconds is None else f'{seconds:.1f}'} | "
+              f"{describe(diff) if diff and len(diff[2]) > 1 else ''} |")
+        if seconds is not None:
+            points.append((label, seconds, statistics.mean(accs), diff[1] if diff else 0.0))
+    if args.out and points:
+        plot(points, args.out.with_suffix(".png"))
+
+
+def plot(points: list[tuple], path: Path) -> None:
+    """Mean dev accuracy against mean training seconds, each change with its paired
+    standard error against the default as a bar."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for label, seconds, acc, se in points:
+        ax.errorbar(seconds, acc, yerr=se, fmt="o", capsize=3,
+                    color="black" if label == "default" else "tab:blue")
+        ax.annotate(label, (seconds, acc), textcoords="offset points", xytext=(5, 3),
+                    fontsize=7)
+    ax.set_xlabel("training seconds (mean over seeds)")
+    ax.set_ylabel("dev accuracy, % (mean over seeds)")
+    ax.set_title("The default recipe, one change at a time (bars: paired standard error)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+if __name__ == "__main__":
+    main()
