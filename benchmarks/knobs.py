@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 import cnnkit  # noqa: E402
 import cnnkit.transforms  # noqa: E402
+from cnnkit.config import field_names  # noqa: E402
 from cnnkit.device import keep_freed_memory  # noqa: E402
 from frontier import DEFAULT_DATA, describe, mean, paired  # noqa: E402
 
@@ -87,6 +88,14 @@ def parse_change(text: str) -> tuple[str, dict]:
         raise SystemExit(f"--try {text!r}: its JSON does not parse ({e})")
     if not isinstance(overrides, dict):
         raise SystemExit(f"--try {text!r}: the JSON must be an object of train() settings")
+    unknown = set(overrides) - set(field_names()) - {"early_crop"}
+    if unknown:  # found before any run, not after the default's
+        raise SystemExit(f"--try {text!r}: unknown setting(s) {', '.join(sorted(unknown))}; "
+                         f"see cnnkit.Config")
+    crop = overrides.get("early_crop")
+    if crop is not None and not (isinstance(crop, list) and len(crop) == 2 and
+                                 all(isinstance(v, int) and v > 0 for v in crop)):
+        raise SystemExit(f"--try {text!r}: early_crop is [SIZE, EPOCHS], two positive integers")
     return label, overrides
 
 
