@@ -14,9 +14,10 @@ not run again. --out is rewritten after every run, so a stopped sweep keeps its 
 the same file as --reuse, it resumes where it stopped. With --out, the table's points are
 plotted beside it (.png).
 
-One change is not a cnnkit setting: "early_crop": [S, K] trains the first K epochs on random
-S×S crops of the augmented batches (progressive resizing: those epochs cost about (S/32)²).
-It lives here, not in cnnkit, because it did not pay: measured in RESULTS section 23.
+Two changes are not cnnkit settings: "early_crop": [S, K] trains the first K epochs on
+random S×S crops of the augmented batches (progressive resizing: those epochs cost about
+(S/32)²), and "lookahead": true adds the Lookahead of the legacy airbench94 (`lookahead`
+below). They live here, not in cnnkit, because neither paid: RESULTS section 23.
 
 Training seconds are metrics.csv's, with the freed memory kept as `cnnkit train` keeps it;
 the whole command is frontier.py's to time. Run it alone on the machine.
@@ -36,6 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import cnnkit  # noqa: E402
+import cnnkit.engine  # noqa: E402
 import cnnkit.transforms  # noqa: E402
 from cnnkit.config import field_names  # noqa: E402
 from cnnkit.device import keep_freed_memory  # noqa: E402
@@ -57,23 +59,53 @@ def early_crops(size: int, epochs: int, seed: int):
                   for s in x.shape[-2:])
         windows = x.unfold(2, size, 1).unfold(3, size, 1)  # N C H' W' size size
         return windows[torch.arange(n), :, dy, dx]
-    return apply, cropped
+    return cropped
+
+
+def lookahead(every: int = 5, base: float = 0.95 ** 5, power: float = 3.0):
+    """cnnkit.engine.train_step wrapped with the Lookahead of airbench94 (the legacy,
+    SGD record): every `every` steps the weights and BatchNorm statistics move to an
+    average of themselves whose decay rises as base × (t/T)^power, and after the last
+    step the net takes the average. t and T are the schedule's steps done and planned."""
+    train_step = cnnkit.engine.train_step
+    average = {}
+
+    def stepped(model, s, *args, **kwargs):
+        out = train_step(model, s, *args, **kwargs)
+        done, total = s.scheduler.last_epoch, s.scheduler.lr_lambdas[0].total
+        if done % every == 0 or done >= total:
+            state = model.state_dict()
+            if not average:
+                average.update({k: v.detach().clone() for k, v in state.items()
+                                if v.is_floating_point()})
+            decay = 1.0 if done >= total else base * (done / total) ** power
+            with torch.no_grad():
+                for key, value in average.items():
+                    value.lerp_(state[key], 1 - decay)
+                    state[key].copy_(value)
+        return out
+    return stepped
 
 
 def run(label: str, overrides: dict, seed: int, data: str) -> dict:
-    overrides = dict(overrides)
-    crop = overrides.pop("early_crop", None)
-    if crop:
-        apply, cnnkit.transforms.Augment.apply = early_crops(*crop, seed)
+    settings = dict(overrides)
+    patches = []  # (module or class, attribute, replacement): undone after the run
+    if crop := settings.pop("early_crop", None):
+        patches.append((cnnkit.transforms.Augment, "apply", early_crops(*crop, seed)))
+    if settings.pop("lookahead", False):
+        patches.append((cnnkit.engine, "train_step", lookahead()))
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, replacement in patches:
+        setattr(owner, name, replacement)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             result = cnnkit.train(data=data, val_fraction=0.2, seed=seed, out=f"{tmp}/run",
                                   plots=False, log=lambda line: None, progress=False,
-                                  **overrides)
+                                  **settings)
     finally:
-        if crop:
-            cnnkit.transforms.Augment.apply = apply
-    return dict(label=label, seed=seed, overrides=overrides | ({"early_crop": crop} if crop else {}),
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    return dict(label=label, seed=seed, overrides=overrides,
                 val_acc=result.metrics[-1]["val_acc"], epochs=len(result.metrics),
                 train_seconds=sum(m["seconds"] for m in result.metrics))
 
@@ -88,7 +120,7 @@ def parse_change(text: str) -> tuple[str, dict]:
         raise SystemExit(f"--try {text!r}: its JSON does not parse ({e})")
     if not isinstance(overrides, dict):
         raise SystemExit(f"--try {text!r}: the JSON must be an object of train() settings")
-    unknown = set(overrides) - set(field_names()) - {"early_crop"}
+    unknown = set(overrides) - set(field_names()) - {"early_crop", "lookahead"}
     if unknown:  # found before any run, not after the default's
         raise SystemExit(f"--try {text!r}: unknown setting(s) {', '.join(sorted(unknown))}; "
                          f"see cnnkit.Config")
@@ -151,17 +183,21 @@ def main():
 
 def plot(points: list[tuple], path: Path) -> None:
     """Mean dev accuracy against mean training seconds, each change with its paired
-    standard error against the default as a bar."""
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for label, seconds, acc, se in points:
+    standard error against the default as a bar; points numbered, the key beside them."""
+    fig, (ax, key) = plt.subplots(1, 2, figsize=(12, 6), width_ratios=(3, 2))
+    for i, (label, seconds, acc, se) in enumerate(points):
         ax.errorbar(seconds, acc, yerr=se, fmt="o", capsize=3,
                     color="black" if label == "default" else "tab:blue")
-        ax.annotate(label, (seconds, acc), textcoords="offset points", xytext=(5, 3),
-                    fontsize=7)
+        ax.annotate(str(i), (seconds, acc), textcoords="offset points", xytext=(4, 2),
+                    fontsize=8)
     ax.set_xlabel("training seconds (mean over seeds)")
     ax.set_ylabel("dev accuracy, % (mean over seeds)")
-    ax.set_title("The default recipe, one change at a time (bars: paired standard error)")
+    ax.set_title("The default recipe, one change at a time\n(bars: standard error of the "
+                 "difference from the default, paired by seed)", fontsize=10)
     ax.grid(alpha=0.3)
+    key.axis("off")
+    key.text(0, 1, "\n".join(f"{i:2d}  {p[0]}" for i, p in enumerate(points)), va="top",
+             family="monospace", fontsize=8, transform=key.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
