@@ -143,7 +143,12 @@ def main():
     keep_freed_memory()  # as the `cnnkit train` command does: its training seconds
 
     changes = [("default", {})] + [parse_change(c) for c in args.changes]
-    rows = [r for path in args.reuse for r in json.loads(path.read_text())]
+    rows = []
+    for path in args.reuse:
+        if path.is_file():
+            rows += json.loads(path.read_text())
+        elif path != args.out:  # --reuse F --out F starts F when it is not there yet
+            raise SystemExit(f"--reuse {path}: no such file")
     done = {(r["label"], r["seed"]) for r in rows}
     for label, overrides in changes:
         for seed in args.seeds:
