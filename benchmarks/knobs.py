@@ -25,10 +25,12 @@ the whole command is frontier.py's to time. Run it alone on the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import matplotlib
 
@@ -89,22 +91,14 @@ def lookahead(every: int = 5, base: float = 0.95 ** 5, power: float = 3.0):
 
 def run(label: str, overrides: dict, seed: int, data: str) -> dict:
     settings = dict(overrides)
-    patches = []  # (module or class, attribute, replacement): undone after the run
-    if crop := settings.pop("early_crop", None):
-        patches.append((cnnkit.transforms.Augment, "apply", early_crops(*crop, seed)))
-    if settings.pop("lookahead", False):
-        patches.append((cnnkit.engine, "train_step", lookahead()))
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    for owner, name, replacement in patches:
-        setattr(owner, name, replacement)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = cnnkit.train(data=data, val_fraction=0.2, seed=seed, out=f"{tmp}/run",
-                                  plots=False, log=lambda line: None, progress=False,
-                                  **settings)
-    finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
+    with contextlib.ExitStack() as patches, tempfile.TemporaryDirectory() as tmp:
+        if crop := settings.pop("early_crop", None):
+            patches.enter_context(mock.patch.object(cnnkit.transforms.Augment, "apply",
+                                                    early_crops(*crop, seed)))
+        if settings.pop("lookahead", False):
+            patches.enter_context(mock.patch.object(cnnkit.engine, "train_step", lookahead()))
+        result = cnnkit.train(data=data, val_fraction=0.2, seed=seed, out=f"{tmp}/run",
+                              plots=False, log=lambda line: None, progress=False, **settings)
     return dict(label=label, seed=seed, overrides=overrides,
                 val_acc=result.metrics[-1]["val_acc"], epochs=len(result.metrics),
                 train_seconds=sum(m["seconds"] for m in result.metrics))
