@@ -175,7 +175,11 @@ def main():
               f"{'-' if seconds is None else f'{seconds:.1f}'} | "
               f"{describe(diff) if diff and len(diff[2]) > 1 else ''} |")
         if seconds is not None:
-            points.append((label, seconds, statistics.mean(accs), diff[1] if diff else 0.0))
+            # a change stopped early is a mean over fewer seeds: the key says so
+            short = f" ({len(mine)} of {len(args.seeds)} seeds)" \
+                if len(mine) < len(args.seeds) else ""
+            points.append((label + short, seconds, statistics.mean(accs),
+                           diff[1] if diff and len(diff[2]) > 1 else 0.0))
     if args.out and points:
         plot(points, args.out.with_suffix(".png"))
 
