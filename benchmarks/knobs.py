@@ -93,34 +93,36 @@ def lookahead(every: int = 5, base: float = 0.95 ** 5, power: float = 3.0):
     return stepped
 
 
-def freeze_out(schedule: list[list[int]]):
+def freeze_out(schedule: list[list[int]], run: dict):
     """FastNet.on_epoch wrapped to freeze conv group G from epoch E on, for each [G, E]
-    (FreezeOut, Brock et al. 2017). Nothing before a frozen group trains either (the
-    whitening bias stops after 3 epochs), so its forward builds no graph: a step with the
-    first group frozen took 0.77 of the time, with the first two 0.46."""
+    (FreezeOut, Brock et al. 2017), noting the run's epochs in `run`. Nothing before a
+    frozen group trains either (the whitening bias stops after 3 epochs), so its forward
+    builds no graph: a step with the first group frozen took 0.77 of the time, with the
+    first two 0.46."""
     on_epoch = FastNet.on_epoch
 
     def frozen(self, epoch, cfg):
         on_epoch(self, epoch, cfg)
+        run["epochs"] = cfg.epochs
         for group, start in schedule:
             if epoch >= start:
                 self.blocks[group].requires_grad_(False)
     return frozen
 
 
-def annealed(schedule: list[list[int]], epochs: int):
+def annealed(schedule: list[list[int]], run: dict):
     """cnnkit.engine.train_step wrapped so that each group frozen at epoch E has its own
     linear lr decay, reaching zero at E instead of at the end (FreezeOut's per-layer
     schedule): after each step the group's weights are moved back to
-    old + (its lr / the lr) × (new - old). `epochs` is the run's (the dev split's default
-    is 16), for the share of the schedule's steps that E is."""
+    old + (its lr / the lr) × (new - old). E's share of the schedule's steps is E over the
+    run's epochs, which `freeze_out` notes in `run`."""
     train_step = cnnkit.engine.train_step
 
     def stepped(model, s, *args, **kwargs):
         done, total = s.scheduler.last_epoch, s.scheduler.lr_lambdas[0].total
         kept = []
         for group, start in schedule:
-            stop = total * start / epochs
+            stop = total * start / run["epochs"]
             if done < stop:
                 share = max(0.0, 1 - done / stop) / max(1e-9, 1 - done / total)
                 params = [p for p in model.blocks[group].parameters() if p.requires_grad]
@@ -140,11 +142,13 @@ def run(label: str, overrides: dict, seed: int, data: str) -> dict:
         if crop := settings.pop("early_crop", None):
             patches.enter_context(mock.patch.object(cnnkit.transforms.Augment, "apply",
                                                     early_crops(*crop, seed)))
+        frozen = {}  # the run's epochs, as the freezing sees them
         if schedule := settings.pop("freeze", None):
-            patches.enter_context(mock.patch.object(FastNet, "on_epoch", freeze_out(schedule)))
+            patches.enter_context(mock.patch.object(FastNet, "on_epoch",
+                                                    freeze_out(schedule, frozen)))
         if settings.pop("freeze_anneal", False):
-            patches.enter_context(mock.patch.object(cnnkit.engine, "train_step", annealed(
-                schedule, settings.get("epochs", 16))))
+            patches.enter_context(mock.patch.object(cnnkit.engine, "train_step",
+                                                    annealed(schedule, frozen)))
         if settings.pop("lookahead", False):
             patches.enter_context(mock.patch.object(cnnkit.engine, "train_step", lookahead()))
         result = cnnkit.train(data=data, val_fraction=0.2, seed=seed, out=f"{tmp}/run",
