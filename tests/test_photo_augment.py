@@ -63,6 +63,13 @@ def test_presets_follow_the_image_size_and_flags_win():
     small = fill_recipe_defaults(cfg, 1000, "cpu", (32, 32))
     large = fill_recipe_defaults(cfg, 1000, "cpu", (96, 96))
     assert small.augment == "cifar" and small.crop_scale == 1.0 and small.translate == 2
+    assert small.jitter == 0.15  # the fast recipe's own addition to the cifar preset
+    tutorial = fill_recipe_defaults(cnnkit.make_config(data="digits", recipe="tutorial"),
+                                    1000, "cpu", (32, 32))
+    assert tutorial.augment == "cifar" and not Augment.from_config(tutorial).active
+    plain = fill_recipe_defaults(cnnkit.make_config(data="digits", jitter=0.0), 1000, "cpu",
+                                 (32, 32))
+    assert plain.jitter == 0.0
     assert large.augment == "photo" and large.crop_scale == 0.35 and large.translate == 0
     assert large.rotate == 10.0 and large.jitter == 0.2
     mine = fill_recipe_defaults(cnnkit.make_config(data="digits", augment="photo", rotate=0),

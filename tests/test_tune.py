@@ -139,7 +139,8 @@ def test_bad_input_is_one_line(tmp_path, capsys, space, storage, message):
 def test_the_default_space_fits_the_recipe():
     fast = fill_recipe_defaults(cnnkit.make_config(data="digits"), 1437, "cpu", (8, 8))
     space = default_space(fast, 8, None, budget=False)
-    assert set(space) == {"lr", "sgd_lr", "label_smoothing", "epochs", "translate", "cutout"}
+    assert set(space) == {"lr", "sgd_lr", "label_smoothing", "epochs", "translate", "cutout",
+                          "jitter"}
     assert space["lr"]["low"] < fast.lr < space["lr"]["high"]
     assert space["epochs"]["low"] < fast.epochs < space["epochs"]["high"]
     # a time budget fixes the seconds: the widths are searched instead of the epochs

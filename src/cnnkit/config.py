@@ -155,8 +155,8 @@ class Config:
                         group="augmentation")
     cutout: int = _f(0, "cut out a random PX×PX square from each image (0: off)",
                      group="augmentation")
-    augment: str | None = _f(None, "augmentation preset: cifar (the recipe's flips, shifts "
-                             "and cutout), photo (random-resized crops, ±10° rotation, "
+    augment: str | None = _f(None, "augmentation preset: cifar (the recipe's flips, shifts, "
+                             "cutout and colour jitter), photo (random-resized crops, ±10° rotation, "
                              "colour jitter, flips), none; default: photo for images of "
                              "64 pixels or more, else cifar",
                              choices=["cifar", "photo", "none"], group="augmentation")
@@ -166,7 +166,8 @@ class Config:
     rotate: float | None = _f(None, "random rotation by up to DEG degrees (the photo "
                               "preset: 10)", group="augmentation", metavar="DEG")
     jitter: float | None = _f(None, "brightness, contrast and saturation each × (1 ± J) "
-                              "(the photo preset: 0.2)", group="augmentation", metavar="J")
+                              "(the photo preset: 0.2; the fast recipe on small images: "
+                              "0.15)", group="augmentation", metavar="J")
     tta: int = _f(2, "test-time augmentation when evaluating: 0 none, 1 flip, "
                   "2 flip and 1-pixel translations", choices=[0, 1, 2], group="evaluation")
     compile: bool = _f(False, "torch.compile the model (CUDA)", group="training")

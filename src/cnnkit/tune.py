@@ -219,7 +219,8 @@ def default_space(cfg: Config, image_size: int, weights_size: int | None,
         space.update(crop_scale=dict(low=0.2, high=1.0), jitter=dict(low=0.0, high=0.4))
     elif cfg.augment == "cifar":
         space.update(translate=dict(low=0, high=max(1, image_size // 8)),
-                     cutout=dict(low=0, high=max(1, image_size // 3)))
+                     cutout=dict(low=0, high=max(1, image_size // 3)),
+                     jitter=dict(low=0.0, high=0.4))
     return space
 
 
