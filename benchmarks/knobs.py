@@ -14,6 +14,11 @@ not run again. --out is rewritten after every run, so a stopped sweep keeps its 
 the same file as --reuse, it resumes where it stopped. With --out, the table's points are
 plotted beside it (.png).
 
+Saved rows stand for the default of their day. `benchmarks/knobs-jitter.json` holds today's
+default (colour jitter 0.15 since commit e768892): reuse that one. `benchmarks/knobs.json`
+holds the third to seventh passes, whose "default" is the one before (no jitter; today that
+is {"jitter": 0.0}), and every change in it was run on that default.
+
 Three changes are not cnnkit settings: "early_crop": [S, K] trains the first K epochs on
 random S×S crops of the augmented batches (progressive resizing: those epochs cost about
 (S/32)²), "lookahead": true adds the Lookahead of the legacy airbench94 (`lookahead`
