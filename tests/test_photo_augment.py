@@ -64,6 +64,8 @@ def test_presets_follow_the_image_size_and_flags_win():
     large = fill_recipe_defaults(cfg, 1000, "cpu", (96, 96))
     assert small.augment == "cifar" and small.crop_scale == 1.0 and small.translate == 2
     assert small.jitter == 0.15  # the fast recipe's own addition to the cifar preset
+    grey = fill_recipe_defaults(cfg, 1000, "cpu", (32, 32), channels=1)
+    assert grey.augment == "cifar" and grey.jitter == 0.0  # colour images only
     tutorial = fill_recipe_defaults(cnnkit.make_config(data="digits", recipe="tutorial"),
                                     1000, "cpu", (32, 32))
     assert tutorial.augment == "cifar" and not Augment.from_config(tutorial).active
@@ -85,3 +87,15 @@ def test_a_photo_run_trains_and_saves_its_preset(png_sample, tmp_path):
                      out=str(tmp_path / "r"), log=lambda s: None)
     assert r.config.augment == "photo" and r.config.crop_scale == 0.35
     assert cnnkit.load(r.run_dir).config.augment == "photo"
+
+
+def test_the_fast_recipe_jitters_colour_images_and_not_grey_ones(png_sample, tmp_path):
+    # settled against the data a run loads: the PNG sample's 32-px colour images, the
+    # digits' 8-px grey ones; each run saves what it trained with
+    colour = cnnkit.train(plots=False, data=str(png_sample), epochs=1, width="8,16,16",
+                          out=str(tmp_path / "c"), log=lambda s: None)
+    grey = cnnkit.train(plots=False, data="digits", epochs=1, width="8,16,16",
+                        out=str(tmp_path / "g"), log=lambda s: None)
+    assert colour.config.augment == grey.config.augment == "cifar"
+    assert colour.config.jitter == 0.15 and grey.config.jitter == 0.0
+    assert cnnkit.load(colour.run_dir).config.jitter == 0.15

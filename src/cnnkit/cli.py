@@ -19,7 +19,7 @@ from .config import GROUPS, Config, settings_from_file
 from .device import keep_freed_memory
 from .distributed import from_env, quiet_unless_main
 from .errors import CnnkitError, Interrupted, SettingsError, one_line_warnings
-from .recipes import DEFAULT_RECIPE, RECIPES, fill_recipe_defaults, make_config
+from .recipes import DEFAULT_RECIPE, RECIPES, make_config
 
 
 def _config_flags(parser: argparse.ArgumentParser, skip=()) -> dict[str, argparse._ArgumentGroup]:
@@ -468,15 +468,10 @@ def cmd_tune(args) -> int:
 
 def cmd_show_batch(args) -> int:
     from .report import show_batch
-    from .transforms import Augment
-    augment = None
-    if args.augmented:
-        cfg = make_config(recipe=args.recipe, flip=args.flip, translate=args.translate,
-                          cutout=args.cutout, augment=args.augment)
-        size = args.image_size or 32
-        augment = Augment.from_config(fill_recipe_defaults(cfg, 0, "cpu", (size, size)))
+    cfg = make_config(recipe=args.recipe, flip=args.flip, translate=args.translate,
+                      cutout=args.cutout, augment=args.augment) if args.augmented else None
     out = show_batch(args.data, args.out, n=args.n, seed=args.seed, data_dir=args.data_dir,
-                     image_size=args.image_size, augment=augment)
+                     image_size=args.image_size, config=cfg)
     print(f"saved {out}")
     return 0
 

@@ -166,8 +166,8 @@ class Config:
     rotate: float | None = _f(None, "random rotation by up to DEG degrees (the photo "
                               "preset: 10)", group="augmentation", metavar="DEG")
     jitter: float | None = _f(None, "brightness, contrast and saturation each × (1 ± J) "
-                              "(the photo preset: 0.2; the fast recipe on small images: "
-                              "0.15)", group="augmentation", metavar="J")
+                              "(the photo preset: 0.2; the fast recipe on small colour "
+                              "images: 0.15)", group="augmentation", metavar="J")
     tta: int = _f(2, "test-time augmentation when evaluating: 0 none, 1 flip, "
                   "2 flip and 1-pixel translations", choices=[0, 1, 2], group="evaluation")
     compile: bool = _f(False, "torch.compile the model (CUDA)", group="training")

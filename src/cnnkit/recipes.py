@@ -46,12 +46,13 @@ DEFAULT_RECIPE = "fast"
 
 # The fast recipes: their batch sizes per device type, their epochs at 4,000 training
 # images, more for less data and fewer for more, and what they add to an augmentation
-# preset (measured: benchmarks/RESULTS.md). Other recipes name a batch size or take 128.
-# fast's colour jitter on small images: +0.56 ± 0.25 points on the CIFAR subset's dev split
-# at no cost in time, 12 seeds (section 23's seventh pass), as the CIFAR-10 record after
-# airbench94_muon found brightness and contrast jitter to pay on all of CIFAR-10.
+# preset on colour images (measured: benchmarks/RESULTS.md). Other recipes name a batch
+# size or take 128. fast's colour jitter on small colour images: +0.40 ± 0.18 points on the
+# CIFAR subset's dev split at no cost in time, 18 seeds, as the CIFAR-10 record after
+# airbench94_muon found brightness and contrast jitter to pay on all of CIFAR-10; on the
+# grey 8×8 digits it gave -0.3 ± 0.2 (section 23's seventh pass), so grey images go without.
 FAST = {"fast": dict(batch={"cpu": 256, "cuda": 1024}, epochs=16,
-                     augment={"cifar": dict(jitter=0.15)}),
+                     colour_augment={"cifar": dict(jitter=0.15)}),
         "fast-sgd": dict(batch={"cpu": 128, "cuda": 1024}, epochs=20)}
 
 
@@ -93,13 +94,13 @@ def probe_image_size(weights_size: int, scale: float = PROBE_SCALE) -> int:
 
 def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str,
                          image_size: tuple[int, int] = (32, 32),
-                         pretrained: bool = False) -> Config:
+                         pretrained: bool = False, channels: int = 3) -> Config:
     """Settings a recipe leaves to the data and the machine, filled in where the user gave
     none: the number of epochs grows as the data set shrinks (each pass holds fewer steps),
     a model may have widths of its own per device type (fastnet's are narrower on the
-    CPU), the augmentation preset follows the image size, and `pretrained` weights (a
-    model family's, not a cnnkit run's) are probed on a small data set, else fine-tuned
-    after a frozen epoch."""
+    CPU), the augmentation preset follows the image size (and the fast recipe's colour
+    jitter the `channels`), and `pretrained` weights (a model family's, not a cnnkit run's)
+    are probed on a small data set, else fine-tuned after a frozen epoch."""
     changes = {}
     if cfg.linear_probe is None:
         changes["linear_probe"] = bool(
@@ -110,7 +111,8 @@ def fill_recipe_defaults(cfg: Config, num_train: int, device_type: str,
         changes["epochs"] = 1  # a probe is one pass
     preset = cfg.augment or ("photo" if min(image_size) >= 64 else "cifar")
     changes["augment"] = preset
-    recipe_adds = FAST.get(cfg.recipe, {}).get("augment", {}).get(preset, {})
+    recipe_adds = FAST.get(cfg.recipe, {}).get("colour_augment", {}).get(preset, {}) \
+        if channels == 3 else {}
     for name, value in {**AUGMENT[preset], **recipe_adds}.items():
         if name in ("crop_scale", "rotate", "jitter"):
             if getattr(cfg, name) is None:

@@ -11,11 +11,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write
+from .config import Config
 from .data import load_dataset
 from .explain import filters, worst_cams
 from .plots import (image_grid, plot_confusion, plot_curves, plot_per_class, plot_top_losses,
                     top_losses)
 from .progress import bar
+from .recipes import fill_recipe_defaults
+from .transforms import Augment
 
 
 def most_confused(confusion: torch.Tensor, classes: list[str], k: int = 5) -> list[dict]:
@@ -92,10 +95,15 @@ def _label_table(evaluation: dict) -> str:
 
 def show_batch(data: str, out: str | Path, *, n: int = 64, seed: int = 0,
                data_dir: str | None = None, image_size: int | None = None,
-               augment=None) -> Path:
+               augment=None, config: Config | None = None) -> Path:
     """Save a grid of `n` random training images of a data source, like the tutorial's plot;
-    with `augment` (a transforms.Augment), as the model sees them after augmentation."""
+    with `augment` (a transforms.Augment), or a `config` whose recipe's augmentation is
+    settled for this data set's image size and channels as training settles it, as the
+    model sees them after augmentation."""
     ds = load_dataset(data, data_dir=data_dir, image_size=image_size, seed=seed)
+    if config is not None:
+        augment = Augment.from_config(fill_recipe_defaults(
+            config, len(ds.train), "cpu", ds.image_size, channels=ds.in_channels))
     g = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(ds.train), generator=g)[:n]
     images = ds.train.images[index]
@@ -105,7 +113,8 @@ def show_batch(data: str, out: str | Path, *, n: int = 64, seed: int = 0,
         images = (x * 255).round().clamp(0, 255).to(torch.uint8)
         title += f" (augmented: flip {augment.flip}, " + (
             f"crops ≥ {augment.crop_scale:g}, ±{augment.rotate:g}°, jitter {augment.jitter:g})"
-            if augment.warps else f"translate {augment.translate}, cutout {augment.cutout})")
+            if augment.warps else f"translate {augment.translate}, cutout {augment.cutout}, "
+            f"jitter {augment.jitter:g})")
     return image_grid(images, ds.train.labels[index], ds.classes, Path(out), title=title)
 
 

@@ -134,7 +134,7 @@ def prepare(cfg: Config, runtime: Runtime, dataset: Dataset | None = None):
     # the saved config says whether the run is multi-label, flag or not
     cfg = dataclasses.replace(cfg, multi_label=ds.multi_label)
     cfg = fill_recipe_defaults(cfg, len(ds.train), runtime.device.type, ds.image_size,
-                               pretrained=pretrained_form(cfg))
+                               pretrained=pretrained_form(cfg), channels=ds.in_channels)
     if cfg.linear_probe and given.linear_probe is None and given.image_size is None and \
             dataset is None:
         # A probe chosen by default (the data turned out small: only pretrained weights get
