@@ -156,9 +156,9 @@ class Config:
     cutout: int = _f(0, "cut out a random PX×PX square from each image (0: off)",
                      group="augmentation")
     augment: str | None = _f(None, "augmentation preset: cifar (the recipe's flips, shifts, "
-                             "cutout and colour jitter), photo (random-resized crops, ±10° rotation, "
-                             "colour jitter, flips), none; default: photo for images of "
-                             "64 pixels or more, else cifar",
+                             "cutout and colour jitter), photo (random-resized crops, ±10° "
+                             "rotation, colour jitter, flips), none; default: photo for "
+                             "images of 64 pixels or more, else cifar",
                              choices=["cifar", "photo", "none"], group="augmentation")
     crop_scale: float | None = _f(None, "random-resized crop: the smallest fraction of the "
                                   "image's area a crop takes (1: off; the photo preset: "
